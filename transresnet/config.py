@@ -1,0 +1,194 @@
+"""Typed configuration for every part of a TransResNet setup.
+
+One pydantic model per part; whole setups live as YAML files in ``configs/``. Unknown keys and wrong
+types are errors that name the offending key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageEncoderConfig(_Strict):
+    backbone: str = "mobilenetv2_100"
+    """timm model name of the CNN backbone (its global-pooled features are the image features)."""
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments for ``timm.create_model`` (e.g. ``pad_type: same``)."""
+    weights: str | None = None
+    """Local weights file (.safetensors, or a torch file loaded with ``weights_only``); None = no file."""
+    pretrained: bool = False
+    """Use timm's own pretrained-weights mechanism (needs a network or a warm hub cache)."""
+    image_size: int = Field(224, ge=16)
+    """Side of the square centre crop fed to the backbone."""
+    resize_size: int | None = Field(None, ge=16)
+    """Short side the image is resized to before cropping; None = image_size * 256 / 224."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    freeze_backbone: bool = True
+    """Frozen backbones have their features cached on disk once; unfrozen ones train end to end."""
+    hidden_layers: int = Field(0, ge=0)
+    """Extra [ReLU -> Dropout -> Linear] blocks after the first projection."""
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @property
+    def effective_resize(self) -> int:
+        return self.resize_size or round(self.image_size * 256 / 224)
+
+
+class PersonalityConfig(_Strict):
+    enabled: bool = True
+    """False drops the trait from the query entirely (the no-personality ablation)."""
+    traits_file: str | None = None
+    """One trait per line, synonyms in parentheses; None = the traits found in the training data."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TextEncoderConfig(_Strict):
+    kind: Literal["transformer", "bow"] = "transformer"
+    """transformer: a Hugging Face encoder, mean-pooled; bow: mean of learned word embeddings."""
+    model: str = "all-MiniLM-L6-v2"
+    """Transformer: 'all-MiniLM-L6-v2' (bundled, offline), a local folder, or a hub name."""
+    max_length: int = Field(64, ge=4, le=512)
+    """Captions are truncated to this many tokens."""
+    freeze: Literal["always", "never", "until_plateau"] = "always"
+    """Whether the transformer's own weights train: never, always, or once validation stops improving."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bow_embed_dim: int = Field(300, ge=8)
+    """Word-embedding width of the bag-of-words encoder."""
+    bow_max_vocab: int = Field(30000, ge=10)
+    bow_min_count: int = Field(1, ge=1)
+
+
+class ModelConfig(_Strict):
+    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
+    personality: PersonalityConfig = Field(default_factory=PersonalityConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    hidden_dim: int = Field(500, ge=8)
+    """Width of the joint space: query and caption vectors have this dimension."""
+    combine: Literal["sum", "concat"] = "sum"
+    """How image and personality encodings form the query: sum (the paper) or concat -> Linear."""
+    scoring: Literal["dot", "cosine"] = "dot"
+    """dot: raw inner product (the paper); cosine: unit vectors and a learned temperature."""
+    init_temperature: float = Field(0.07, gt=0.0)
+    """Initial softmax temperature for cosine scoring."""
+
+
+class DataConfig(_Strict):
+    train: str | None = None
+    """Training data: CSV, Personality-Captions JSON or Karpathy dataset.json."""
+    train_split: str | None = "train"
+    val: str | None = None
+    """Validation data; None = the val split of the training file."""
+    val_split: str | None = "val"
+    test: str | None = None
+    """Held-out data reported once after training (with traits given, shuffled and withheld)."""
+    test_split: str | None = "test"
+    image_dir: str | None = None
+    """Image folder, when not the default for the format (``images/`` beside the file)."""
+    feature_cache: str = ".cache/features"
+    """Where frozen-backbone features are cached, keyed by backbone, weights and preprocessing."""
+    examples_per_image: int = Field(1, ge=1)
+    """Examples drawn per image and batch; >1 puts the same photo in several voices in one batch."""
+    augment_crops: int = Field(0, ge=0)
+    """Extra cached feature views per image (random crops and flips) for frozen backbones."""
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(5e-4, gt=0)
+    text_lr: float = Field(2e-5, gt=0)
+    """Learning rate of the transformer's own weights when they train."""
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    """Mixed precision on the GPU (ignored on CPU)."""
+    patience: int = Field(3, ge=1)
+    """Epochs without validation improvement before stopping (or unfreezing, with until_plateau)."""
+    num_workers: int = Field(0, ge=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "ExperimentConfig":
+        if self.data.augment_crops and not self.model.image.freeze_backbone:
+            raise ValueError("data.augment_crops needs model.image.freeze_backbone: true (crops are cached features)")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-3`` -> ('train.lr', 0.001); values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"  {key}: {problem['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    tree = dict(tree)
+    for override in overrides or []:
+        key, value = parse_override(override)
+        _set_dotted(tree, key, value)
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML setup, apply ``key=value`` overrides and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (see configs/ for the shipped setups)")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+    return build_config(tree, overrides)
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

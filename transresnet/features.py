@@ -1,0 +1,150 @@
+"""Backbone features computed once per image and reused across epochs, runs and evaluations.
+
+A cache lives in ``<root>/<key>/`` where the key hashes the backbone name and kwargs, the weights
+(file checksum, timm's pretrained tag, or the checkpoint's own weights), the preprocessing and the
+view (centre crop, or the n-th random crop), so a change to any of them starts a fresh cache.
+``features.npy`` is memory-mapped on load; ``paths.json`` maps rows to image files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from transresnet.config import ImageEncoderConfig
+from transresnet.images import ImagePreprocessor, open_rgb
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def weights_identity(cfg: ImageEncoderConfig) -> str:
+    if cfg.weights:
+        from transresnet.checkpoint import sha256_file
+
+        return "file:" + sha256_file(Path(cfg.weights))
+    return "timm-pretrained" if cfg.pretrained else "random-init"
+
+
+def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0) -> str:
+    """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip."""
+    parts = {"format": CACHE_FORMAT, "backbone": cfg.backbone, "kwargs": cfg.backbone_kwargs, "weights": weights,
+             "preprocess": preprocessor.identity(), "view": view}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: Sequence[Path], preprocessor: ImagePreprocessor, view: int) -> None:
+        self.paths = list(paths)
+        self.preprocessor = preprocessor
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = open_rgb(self.paths[i])
+        if self.view == 0:
+            return self.preprocessor(image)
+        # Seeded per (image, view) so a crop is the same whichever run computes it.
+        seed = int(hashlib.sha256(f"{self.paths[i]}:{self.view}".encode()).hexdigest()[:8], 16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.preprocessor(image, augment=True)
+
+
+@torch.inference_mode()
+def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor, paths: Sequence[Path], *,
+                     view: int = 0, batch_size: int = 64, num_workers: int = 0,
+                     device: torch.device | str = "cpu") -> np.ndarray:
+    """Pooled backbone features of each image, float32 (N, F), with a progress bar in images/s."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(_ImageFiles(paths, preprocessor, view), batch_size=batch_size, num_workers=num_workers)
+    chunks = []
+    with tqdm(total=len(paths), desc="image features", unit="img", leave=False, disable=None) as bar:
+        for pixels in loader:
+            chunks.append(backbone(pixels.to(device)).float().cpu().numpy())
+            bar.update(len(pixels))
+    backbone.train(was_training)
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+class FeatureCache:
+    """Append-only store of one backbone view's features, keyed by resolved image path."""
+
+    def __init__(self, root: str | Path, key: str) -> None:
+        self.folder = Path(root) / key
+        self._rows: dict[str, int] = {}
+        self._features: np.ndarray | None = None
+        self._load()
+
+    def _load(self) -> None:
+        paths_file, array_file = self.folder / "paths.json", self.folder / "features.npy"
+        if not (paths_file.is_file() and array_file.is_file()):
+            return
+        try:
+            paths = json.loads(paths_file.read_text())
+            features = np.load(array_file, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            logger.warning("feature cache %s is unreadable (%s); recomputing", self.folder, err)
+            return
+        if len(paths) != len(features):
+            logger.warning("feature cache %s is inconsistent; recomputing", self.folder)
+            return
+        self._rows = {p: i for i, p in enumerate(paths)}
+        self._features = features
+
+    def missing(self, paths: Sequence[Path]) -> list[Path]:
+        return list(dict.fromkeys(p for p in paths if str(Path(p).resolve()) not in self._rows))
+
+    def add(self, paths: Sequence[Path], features: np.ndarray) -> None:
+        """Append rows and rewrite the cache atomically (temp files, then rename)."""
+        keys = [str(Path(p).resolve()) for p in paths]
+        old = np.asarray(self._features) if self._features is not None else features[:0]
+        merged = np.concatenate([old, features.astype(np.float32)])
+        ordered = sorted(self._rows, key=self._rows.get) + keys
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp_array, tmp_paths = self.folder / f".features.{os.getpid()}.npy", self.folder / f".paths.{os.getpid()}"
+        np.save(tmp_array, merged)
+        tmp_paths.write_text(json.dumps(ordered))
+        os.replace(tmp_array, self.folder / "features.npy")
+        os.replace(tmp_paths, self.folder / "paths.json")
+        self._load()
+
+    def get(self, paths: Sequence[Path]) -> np.ndarray:
+        assert self._features is not None, "get() before the features were added"
+        rows = [self._rows[str(Path(p).resolve())] for p in paths]
+        return np.asarray(self._features[rows])
+
+
+def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: Sequence[Path], *, root: str | Path,
+                    weights: str, views: int = 1, batch_size: int = 64, num_workers: int = 0,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """Features (N, views, F) for ``paths``, computing and caching only what is missing."""
+    preprocessor = ImagePreprocessor(cfg)
+    per_view = []
+    for view in range(views):
+        cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view))
+        todo = cache.missing(paths)
+        if todo:
+            start = time.perf_counter()
+            feats = compute_features(backbone, preprocessor, todo, view=view, batch_size=batch_size,
+                                     num_workers=num_workers, device=device)
+            elapsed = time.perf_counter() - start
+            logger.info("cached %d image features (view %d) in %.1fs: %.1f images/s -> %s", len(todo), view,
+                        elapsed, len(todo) / max(elapsed, 1e-9), cache.folder)
+            cache.add(todo, feats)
+        per_view.append(cache.get(paths))
+    return np.stack(per_view, axis=1)

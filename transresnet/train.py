@@ -1,0 +1,433 @@
+"""The training loop: in-batch softmax over (image + trait, caption) pairs, validated every epoch.
+
+Frozen parts are computed once: a frozen backbone's features come from the on-disk feature cache and a
+frozen transformer's pooled outputs from an in-memory cache, so an epoch only runs what trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file
+from tqdm import tqdm
+
+from transresnet.checkpoint import WEIGHTS, save_checkpoint
+from transresnet.config import ExperimentConfig, dump_config
+from transresnet.data import CaptionRecord, load_dataset
+from transresnet.features import cached_features, weights_identity
+from transresnet.images import ImagePreprocessor, open_rgb
+from transresnet.loss import InBatchSoftmaxLoss
+from transresnet.metrics import summarize_ranks
+from transresnet.model import TransResNet, create_model
+from transresnet.retrieval import RankingTask, rank_task, task_for
+from transresnet.traits import TraitVocab
+
+logger = logging.getLogger(__name__)
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+class ImageInputs:
+    """Maps image rows to backbone features: cached views (frozen) or live forward passes (trained)."""
+
+    def __init__(self, model: TransResNet, config: ExperimentConfig, paths: list[Path], device: torch.device) -> None:
+        self.model = model
+        self.paths = paths
+        self.device = device
+        self.frozen = config.model.image.freeze_backbone
+        self.preprocessor = ImagePreprocessor(config.model.image)
+        self.cached: torch.Tensor | None = None
+        if self.frozen:
+            features = cached_features(
+                model.backbone, config.model.image, paths, root=config.data.feature_cache,
+                weights=weights_identity(config.model.image), views=1 + config.data.augment_crops,
+                num_workers=config.train.num_workers, device=device)
+            self.cached = torch.from_numpy(features)
+
+    def features(self, rows: Sequence[int], *, train: bool) -> torch.Tensor:
+        if self.cached is not None:
+            views = self.cached.shape[1]
+            view = torch.randint(views, (len(rows),)) if train and views > 1 else torch.zeros(len(rows), dtype=torch.long)
+            return self.cached[torch.as_tensor(rows), view].to(self.device)
+        pixels = torch.stack([self.preprocessor(open_rgb(self.paths[r])) for r in rows])
+        return self.model.encode_image(pixels.to(self.device))
+
+
+class TextInputs:
+    """Caption vectors: from cached pooled outputs while the text backbone is frozen, else live."""
+
+    def __init__(self, model: TransResNet, batch_size: int = 256) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.pooled: dict[str, torch.Tensor] = {}
+        self.use_cache = model.config.text.kind == "transformer" and model.config.text.freeze != "never"
+
+    @torch.inference_mode()
+    def precompute(self, texts: Sequence[str]) -> None:
+        todo = sorted(set(texts) - self.pooled.keys(), key=len)
+        if not self.use_cache or not todo:
+            return
+        was_training = self.model.training
+        self.model.eval()  # pooled outputs without dropout
+        start = time.perf_counter()
+        for i in tqdm(range(0, len(todo), self.batch_size), desc="caption features", unit="batch", leave=False, disable=None):
+            chunk = todo[i:i + self.batch_size]
+            for text, row in zip(chunk, self.model.text.pool(chunk).cpu()):
+                self.pooled[text] = row.clone()
+        self.model.train(was_training)
+        elapsed = time.perf_counter() - start
+        logger.info("cached %d caption features in %.1fs (%.0f captions/s)", len(todo), elapsed,
+                    len(todo) / max(elapsed, 1e-9))
+
+    def vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.use_cache:
+            return self.model.encode_pooled_text(torch.stack([self.pooled[t] for t in texts]))
+        return self.model.encode_text(texts)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Example:
+    image_row: int
+    trait: int
+    caption: str
+    query_key: int
+
+
+def build_examples(records: Sequence[CaptionRecord], image_rows: dict[Path, int], traits: TraitVocab,
+                   use_traits: bool) -> list[Example]:
+    query_keys: dict[tuple[int, int], int] = {}
+    examples = []
+    for record in records:
+        row = image_rows[record.image_path]
+        trait = traits.lookup(record.personality) if use_traits else 0
+        key = query_keys.setdefault((row, trait), len(query_keys))
+        examples.append(Example(row, trait, record.caption, key))
+    return examples
+
+
+def epoch_batches(examples: Sequence[Example], per_image: int, batch_size: int,
+                  rng: random.Random) -> Iterator[list[Example]]:
+    """Shuffle images, take up to ``per_image`` of each image's examples, cut into batches."""
+    by_image: dict[int, list[Example]] = defaultdict(list)
+    for example in examples:
+        by_image[example.image_row].append(example)
+    images = list(by_image)
+    rng.shuffle(images)
+    ordered = [ex for img in images for ex in rng.sample(by_image[img], min(per_image, len(by_image[img])))]
+    for start in range(0, len(ordered) - 1, batch_size):
+        batch = ordered[start:start + batch_size]
+        if len(batch) >= 2:
+            yield batch
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def query_vectors(model: TransResNet, images: ImageInputs, rows: Sequence[int], trait_ids: Sequence[int],
+                  batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(rows), batch_size):
+        feats = images.features(rows[start:start + batch_size], train=False)
+        traits = torch.as_tensor(trait_ids[start:start + batch_size], device=model.device)
+        out.append(model.encode_query(features=feats, trait_ids=traits).cpu())
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def evaluate(model: TransResNet, task: RankingTask, images: ImageInputs, texts: TextInputs,
+             image_rows: dict[Path, int], *, trait_mode: str = "given", seed: int = 0) -> dict[str, float]:
+    """R@1/5/10 and ranks of a task. trait_mode: given, shuffled (permuted across queries) or none."""
+    model.eval()
+    rows = [image_rows[p] for p in task.query_images]
+    traits = model.traits.lookup_many(task.query_traits)
+    if trait_mode == "shuffled":
+        traits = list(np.random.default_rng(seed).permutation(traits))
+    elif trait_mode == "none":
+        traits = [0] * len(traits)
+    queries = query_vectors(model, images, rows, traits)
+    texts.precompute(task.texts)
+    text_vecs = torch.cat([texts.vectors(task.texts[i:i + 512]).cpu() for i in range(0, len(task.texts), 512)])
+    return summarize_ranks(rank_task(task, queries, text_vecs))
+
+
+# ----------------------------------------------------------------------------------- optimizer state
+
+
+def _param_groups(model: TransResNet, config: ExperimentConfig) -> list[dict[str, Any]]:
+    transformer = getattr(model.text, "transformer", None)
+    text_ids = {id(p) for p in transformer.parameters()} if transformer is not None else set()
+    main = [p for p in model.parameters() if id(p) not in text_ids]
+    groups = [{"params": main, "lr": config.train.lr}]
+    if transformer is not None:
+        groups.append({"params": list(transformer.parameters()), "lr": config.train.text_lr})
+    return groups
+
+
+def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Optimizer tensors as safetensors and scalars as JSON (no pickle)."""
+    opt = optimizer.state_dict()
+    tensors = {f"{pid}.{name}": value.contiguous() for pid, slots in opt["state"].items()
+               for name, value in slots.items() if isinstance(value, torch.Tensor)}
+    save_file(tensors, str(folder / STATE_TENSORS))
+    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+    (folder / STATE_JSON).write_text(json.dumps({"param_groups": groups, **state}, indent=1))
+
+
+def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    meta = json.loads((folder / STATE_JSON).read_text())
+    slots: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in load_file(str(folder / STATE_TENSORS)).items():
+        pid, name = key.split(".", 1)
+        slots[int(pid)][name] = value
+    optimizer.load_state_dict({"state": dict(slots), "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_checkpoint: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    text_unfrozen: bool = False
+
+
+def _score(metrics: dict[str, float]) -> float:
+    """Model selection: R@1 first, the mean of R@1/5/10 to break ties."""
+    return metrics["R@1"] + 1e-3 * (metrics["R@1"] + metrics["R@5"] + metrics["R@10"]) / 3
+
+
+def _load_splits(config: ExperimentConfig) -> tuple[list[CaptionRecord], list[CaptionRecord], list[CaptionRecord]]:
+    data = config.data
+    if not data.train:
+        raise ValueError("data.train is not set; point it at a captions CSV, Personality-Captions JSON or "
+                         "Karpathy dataset.json (e.g. --set data.train=path/to/captions.csv)")
+    train = load_dataset(data.train, split=data.train_split, image_dir=data.image_dir).records
+    val = load_dataset(data.val or data.train, split=data.val_split, image_dir=data.image_dir).records
+    test = load_dataset(data.test, split=data.test_split, image_dir=data.image_dir).records if data.test else []
+    if not train or not val:
+        raise ValueError(f"need training and validation records; got {len(train)} train and {len(val)} val")
+    return train, val, test
+
+
+def _build_traits(config: ExperimentConfig, train: Sequence[CaptionRecord]) -> TraitVocab:
+    if config.model.personality.traits_file:
+        return TraitVocab.from_file(config.model.personality.traits_file)
+    return TraitVocab.from_traits(r.personality for r in train)
+
+
+class Trainer:
+    def __init__(self, config: ExperimentConfig, out_dir: Path) -> None:
+        self.config = config
+        self.out_dir = out_dir
+        self.device = resolve_device(config.train.device)
+        seed_everything(config.train.seed)
+        self.train_records, val_records, test_records = _load_splits(config)
+        traits = _build_traits(config, self.train_records)
+        self.model = create_model(config.model, traits, captions=[r.caption for r in self.train_records])
+        self.model.to(self.device)
+        all_paths = list(dict.fromkeys(r.image_path for r in (*self.train_records, *val_records, *test_records)))
+        self.image_rows = {p: i for i, p in enumerate(all_paths)}
+        self.images = ImageInputs(self.model, config, all_paths, self.device)
+        self.texts = TextInputs(self.model)
+        use_traits = config.model.personality.enabled
+        self.examples = build_examples(self.train_records, self.image_rows, traits, use_traits)
+        self.val_task = task_for(val_records)
+        self.test_task = task_for(test_records) if test_records else None
+        self.optimizer = torch.optim.Adam(_param_groups(self.model, config), lr=config.train.lr,
+                                          weight_decay=config.train.weight_decay)
+        self.loss = InBatchSoftmaxLoss()
+        self.progress = _Progress()
+        logger.info("train: %d examples over %d images, %d traits; val: %d %s queries on %s", len(self.examples),
+                    len({e.image_row for e in self.examples}), len(traits) - 1, len(self.val_task),
+                    self.val_task.protocol, self.device)
+
+    # -- text phases ------------------------------------------------------------------------------
+
+    def _set_text_trainable(self, trainable: bool) -> None:
+        text = self.model.text
+        if hasattr(text, "set_trainable") and self.config.model.text.kind == "transformer":
+            text.set_trainable(trainable)
+            self.texts.use_cache = not trainable
+
+    def _text_trainable_now(self) -> bool:
+        mode = self.config.model.text.freeze
+        return mode == "never" or (mode == "until_plateau" and self.progress.text_unfrozen)
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _step(self, batch: list[Example]) -> float:
+        unique_rows = list(dict.fromkeys(e.image_row for e in batch))
+        position = {row: i for i, row in enumerate(unique_rows)}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.train.amp)
+        with autocast:
+            feats = self.images.features(unique_rows, train=True)
+            feats = feats[torch.as_tensor([position[e.image_row] for e in batch], device=feats.device)]
+            traits = torch.as_tensor([e.trait for e in batch], device=self.device)
+            queries = self.model.encode_query(features=feats, trait_ids=traits)
+            captions = self.texts.vectors([e.caption for e in batch])
+            logits = self.model.logits(queries, captions)
+        caption_ids = torch.as_tensor(_ids_of([e.caption for e in batch]), device=self.device)
+        query_ids = torch.as_tensor([e.query_key for e in batch], device=self.device)
+        loss = self.loss(logits, caption_ids, query_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def _train_epoch(self) -> float:
+        self.model.train()
+        # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
+        rng = random.Random(self.config.train.seed * 100_003 + self.progress.epoch)
+        batches = list(epoch_batches(self.examples, self.config.data.examples_per_image,
+                                     self.config.train.batch_size, rng))
+        if self.config.train.max_steps_per_epoch:
+            batches = batches[: self.config.train.max_steps_per_epoch]
+        losses, seen, start = [], 0, time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {self.progress.epoch + 1}", unit="batch", leave=False, disable=None)
+        for batch in bar:
+            losses.append(self._step(batch))
+            seen += len(batch)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.val_task, self.images, self.texts, self.image_rows)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _save_last(self, metrics: dict[str, Any]) -> None:
+        last = save_checkpoint(self.model, self.config, self.out_dir / "last", metrics=metrics)
+        save_train_state(last, self.optimizer, dict(self.progress.__dict__))
+
+    def resume(self) -> None:
+        last = self.out_dir / "last"
+        if not (last / STATE_JSON).is_file():
+            raise FileNotFoundError(f"nothing to resume in {self.out_dir}: {last / STATE_JSON} is missing")
+        load_model(self.model, str(last / WEIGHTS), strict=True)
+        state = load_train_state(last, self.optimizer)
+        self.progress = _Progress(**{k: state[k] for k in _Progress.__dataclass_fields__})
+        logger.info("resumed from %s after epoch %d (best R@1 %.2f)", last, self.progress.epoch,
+                    self.progress.best_score)
+
+    # -- driver -----------------------------------------------------------------------------------
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        val = record["val"]
+        logger.info("epoch %d: loss %.4f, val R@1 %.2f R@5 %.2f R@10 %.2f (%.1fs)%s", record["epoch"], record["loss"],
+                    val["R@1"], val["R@5"], val["R@10"], record["seconds"], " *best*" if record["best"] else "")
+
+    def _after_validation(self, metrics: dict[str, float]) -> bool:
+        """Track the best epoch; returns True when training should stop."""
+        progress = self.progress
+        if _score(metrics) > progress.best_score:
+            progress.best_score, progress.best_epoch, progress.bad_epochs = _score(metrics), progress.epoch, 0
+            save_checkpoint(self.model, self.config, self.out_dir / "best", metrics={"val": metrics,
+                                                                                      "epoch": progress.epoch})
+            return False
+        progress.bad_epochs += 1
+        if progress.bad_epochs < self.config.train.patience:
+            return False
+        if self.config.model.text.freeze == "until_plateau" and not progress.text_unfrozen:
+            logger.info("validation plateaued: unfreezing the text transformer (lr %g)", self.config.train.text_lr)
+            progress.text_unfrozen, progress.bad_epochs = True, 0
+            return False
+        logger.info("early stopping: no validation improvement for %d epochs", progress.bad_epochs)
+        return True
+
+    def run(self) -> TrainResult:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_config(self.config))
+        total_start = time.perf_counter()
+        self.texts.precompute([e.caption for e in self.examples])
+        while self.progress.epoch < self.config.train.epochs:
+            self._set_text_trainable(self._text_trainable_now())
+            start = time.perf_counter()
+            loss = self._train_epoch()
+            self.progress.epoch += 1
+            metrics = self._validate()
+            stop = self._after_validation(metrics)
+            record = {"epoch": self.progress.epoch, "loss": loss, "val": metrics,
+                      "best": self.progress.best_epoch == self.progress.epoch,
+                      "seconds": round(time.perf_counter() - start, 2)}
+            self._log_epoch(record)
+            self._save_last(record)
+            if stop:
+                break
+        return self._finish(time.perf_counter() - total_start)
+
+    def _finish(self, seconds: float) -> TrainResult:
+        best = self.out_dir / "best"
+        load_model(self.model, str(best / WEIGHTS), strict=True)
+        report: dict[str, Any] = {"best_epoch": self.progress.best_epoch, "train_seconds": round(seconds, 1)}
+        for name, task in (("val", self.val_task), ("test", self.test_task)):
+            if task is None:
+                continue
+            report[name] = evaluate(self.model, task, self.images, self.texts, self.image_rows)
+            if self.config.model.personality.enabled and any(task.query_traits):
+                for mode in ("shuffled", "none"):
+                    report[f"{name}_traits_{mode}"] = evaluate(self.model, task, self.images, self.texts,
+                                                               self.image_rows, trait_mode=mode,
+                                                               seed=self.config.train.seed)
+        (self.out_dir / "report.json").write_text(json.dumps(report, indent=1))
+        for key, value in report.items():
+            if isinstance(value, dict):
+                logger.info("%-20s R@1 %6.2f  R@5 %6.2f  R@10 %6.2f  median rank %g (%d queries)", key,
+                            value["R@1"], value["R@5"], value["R@10"], value["median_rank"], value["queries"])
+        return TrainResult(self.out_dir, best, report)
+
+
+def _ids_of(texts: Sequence[str]) -> list[int]:
+    ids: dict[str, int] = {}
+    return [ids.setdefault(t, len(ids)) for t in texts]
+
+
+def train(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> TrainResult:
+    """Train a TransResNet as ``config`` describes; the best checkpoint lands in ``out_dir/best``."""
+    trainer = Trainer(config, Path(out_dir))
+    if resume:
+        trainer.resume()
+    return trainer.run()
