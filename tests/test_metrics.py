@@ -18,7 +18,7 @@ def test_gold_ranks_match_reference_with_ties(seed: int) -> None:
     scores = rng.integers(0, 6, size=(40, 30)).astype(np.float32)  # small integer range: many ties
     gold = rng.random((40, 30)) < 0.1
     gold[np.arange(40), rng.integers(0, 30, 40)] = True
-    expected = [reference_rank(list(s), list(g)) for s, g in zip(scores, gold)]
+    expected = [reference_rank(list(s), list(g)) for s, g in zip(scores, gold, strict=True)]
     assert gold_ranks(scores, gold).tolist() == expected
 
 

@@ -67,6 +67,9 @@ class TextEncoderConfig(_Strict):
     freeze: Literal["always", "never", "until_plateau"] = "always"
     """Whether the transformer's own weights train: never, always, or once validation stops improving."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    project: bool = True
+    """Map pooled outputs through Dropout -> Linear; false keeps the encoder's own space (a linear probe,
+    which needs model.hidden_dim equal to the encoder's width)."""
     bow_embed_dim: int = Field(300, ge=8)
     """Word-embedding width of the bag-of-words encoder."""
     bow_max_vocab: int = Field(30000, ge=10)
@@ -131,7 +134,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _check_combination(self) -> "ExperimentConfig":
+    def _check_combination(self) -> ExperimentConfig:
         if self.data.augment_crops and not self.model.image.freeze_backbone:
             raise ValueError("data.augment_crops needs model.image.freeze_backbone: true (crops are cached features)")
         return self

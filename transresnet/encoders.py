@@ -112,6 +112,15 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def _text_head(cfg: TextEncoderConfig, pooled_dim: int, hidden_dim: int) -> nn.Sequential:
+    if cfg.project:
+        return nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(pooled_dim, hidden_dim))
+    if pooled_dim != hidden_dim:
+        raise ValueError(f"model.text.project is false, so model.hidden_dim must equal the text encoder's width "
+                         f"{pooled_dim} (it is {hidden_dim})")
+    return nn.Sequential(nn.Dropout(cfg.dropout))
+
+
 class TextEncoder(nn.Module):
     """Captions -> pooled features (``pool``) -> joint-space vectors (``head``)."""
 
@@ -146,11 +155,11 @@ class TransformerTextEncoder(TextEncoder):
         else:
             self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(self.source))
         self.pooled_dim = int(self.transformer.config.hidden_size)
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.pooled_dim, hidden_dim))
+        self.head = _text_head(cfg, self.pooled_dim, hidden_dim)
 
     @property
     def device(self) -> torch.device:
-        return self.head[1].weight.device
+        return next(self.transformer.parameters()).device
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
@@ -200,7 +209,7 @@ class BagOfWordsTextEncoder(TextEncoder):
         self.max_length = cfg.max_length
         self.pooled_dim = cfg.bow_embed_dim
         self.embedding = nn.EmbeddingBag(len(vocab), cfg.bow_embed_dim, mode="mean")
-        self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.bow_embed_dim, hidden_dim))
+        self.head = _text_head(cfg, self.pooled_dim, hidden_dim)
 
     def pool(self, texts: Sequence[str]) -> torch.Tensor:
         ids: list[int] = []

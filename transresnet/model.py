@@ -48,7 +48,7 @@ class TransResNet(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
-    def train(self, mode: bool = True) -> "TransResNet":
+    def train(self, mode: bool = True) -> TransResNet:
         super().train(mode)
         if self.config.image.freeze_backbone:
             self.backbone.eval()  # frozen batch-norm statistics stay as pretrained
@@ -100,7 +100,7 @@ class TransResNet(nn.Module):
 
 
 def _feature_dim(backbone: nn.Module) -> int:
-    return int(getattr(backbone, "num_features"))
+    return int(backbone.num_features)
 
 
 def create_model(config: ModelConfig, traits: TraitVocab, *, captions: Iterable[str] | None = None,

@@ -74,8 +74,9 @@ class ImageInputs:
 
     def features(self, rows: Sequence[int], *, train: bool) -> torch.Tensor:
         if self.cached is not None:
-            views = self.cached.shape[1]
-            view = torch.randint(views, (len(rows),)) if train and views > 1 else torch.zeros(len(rows), dtype=torch.long)
+            # Training draws one cached view (centre or a random crop) per example; evaluation uses the centre.
+            views = self.cached.shape[1] if train else 1
+            view = torch.randint(views, (len(rows),))
             return self.cached[torch.as_tensor(rows), view].to(self.device)
         pixels = torch.stack([self.preprocessor(open_rgb(self.paths[r])) for r in rows])
         return self.model.encode_image(pixels.to(self.device))
@@ -98,9 +99,10 @@ class TextInputs:
         was_training = self.model.training
         self.model.eval()  # pooled outputs without dropout
         start = time.perf_counter()
-        for i in tqdm(range(0, len(todo), self.batch_size), desc="caption features", unit="batch", leave=False, disable=None):
+        starts = range(0, len(todo), self.batch_size)
+        for i in tqdm(starts, desc="caption features", unit="batch", leave=False, disable=None):
             chunk = todo[i:i + self.batch_size]
-            for text, row in zip(chunk, self.model.text.pool(chunk).cpu()):
+            for text, row in zip(chunk, self.model.text.pool(chunk).cpu(), strict=True):
                 self.pooled[text] = row.clone()
         self.model.train(was_training)
         elapsed = time.perf_counter() - start
@@ -300,8 +302,8 @@ class Trainer:
     def _step(self, batch: list[Example]) -> float:
         unique_rows = list(dict.fromkeys(e.image_row for e in batch))
         position = {row: i for i, row in enumerate(unique_rows)}
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.config.train.amp)
-        with autocast:
+        use_amp = self.device.type == "cuda" and self.config.train.amp
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             feats = self.images.features(unique_rows, train=True)
             feats = feats[torch.as_tensor([position[e.image_row] for e in batch], device=feats.device)]
             traits = torch.as_tensor([e.trait for e in batch], device=self.device)
