@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
     """Epochs without validation improvement before stopping (or unfreezing, with until_plateau)."""
     num_workers: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    hard_negatives: int = Field(0, ge=0)
+    """Extra negatives per batch from the training caption pool: the captions (gold for no query in the batch)
+    scoring highest against the batch's queries under the current model; 0 = in-batch negatives only."""
 
 
 class ExperimentConfig(_Strict):

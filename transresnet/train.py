@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file
 from tqdm import tqdm
 
@@ -26,7 +27,7 @@ from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.features import cached_features, weights_identity
 from transresnet.images import ImagePreprocessor, open_rgb
-from transresnet.loss import InBatchSoftmaxLoss
+from transresnet.loss import InBatchSoftmaxLoss, false_negative_mask
 from transresnet.metrics import summarize_ranks
 from transresnet.model import TransResNet, create_model
 from transresnet.retrieval import RankingTask, rank_task, task_for
@@ -280,6 +281,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(_param_groups(self.model, config), lr=config.train.lr,
                                           weight_decay=config.train.weight_decay)
         self.loss = InBatchSoftmaxLoss()
+        self.pool = _CaptionPool(self.examples) if config.train.hard_negatives else None
         self.progress = _Progress()
         logger.info("train: %d examples over %d images, %d traits; val: %d %s queries on %s", len(self.examples),
                     len({e.image_row for e in self.examples}), len(traits) - 1, len(self.val_task),
@@ -312,7 +314,12 @@ class Trainer:
             logits = self.model.logits(queries, captions)
         caption_ids = torch.as_tensor(_ids_of([e.caption for e in batch]), device=self.device)
         query_ids = torch.as_tensor([e.query_key for e in batch], device=self.device)
-        loss = self.loss(logits, caption_ids, query_ids)
+        if self.pool is not None:
+            negatives = self.pool.hardest(self.model, self.texts, queries, batch, self.config.train.hard_negatives)
+            extra = self.model.logits(queries, self.texts.vectors(negatives))
+            loss = _loss_with_negatives(logits, extra, caption_ids, query_ids)
+        else:
+            loss = self.loss(logits, caption_ids, query_ids)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -420,6 +427,40 @@ class Trainer:
                 logger.info("%-20s R@1 %6.2f  R@5 %6.2f  R@10 %6.2f  median rank %g (%d queries)", key,
                             value["R@1"], value["R@5"], value["R@10"], value["median_rank"], value["queries"])
         return TrainResult(self.out_dir, best, report)
+
+
+def _loss_with_negatives(logits: torch.Tensor, extra: torch.Tensor, caption_ids: torch.Tensor,
+                         query_ids: torch.Tensor) -> torch.Tensor:
+    """The in-batch softmax loss with ``extra`` (B, N) columns: captions that are negatives of every query."""
+    masked = logits.masked_fill(false_negative_mask(caption_ids, query_ids), float("-inf"))
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(torch.cat([masked, extra.to(masked.dtype)], dim=1).float(), targets)
+
+
+class _CaptionPool:
+    """The distinct training captions, for mining hard negatives (``train.hard_negatives``)."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.texts = list(dict.fromkeys(e.caption for e in examples))
+        position = {t: i for i, t in enumerate(self.texts)}
+        self.gold_of: dict[int, list[int]] = defaultdict(list)  # query key -> its captions' pool rows
+        for e in examples:
+            self.gold_of[e.query_key].append(position[e.caption])
+
+    @torch.no_grad()
+    def _vectors(self, model: TransResNet, texts: TextInputs) -> torch.Tensor:
+        if all(t in texts.pooled for t in self.texts):  # frozen (or formerly frozen) transformer: cached outputs
+            return model.encode_pooled_text(torch.stack([texts.pooled[t] for t in self.texts]))
+        return torch.cat([model.encode_text(self.texts[i:i + 512]) for i in range(0, len(self.texts), 512)])
+
+    def hardest(self, model: TransResNet, texts: TextInputs, queries: torch.Tensor, batch: Sequence[Example],
+                count: int) -> list[str]:
+        """The ``count`` pool captions scoring highest against any query of the batch, golds excluded."""
+        scores = (queries.detach().float() @ self._vectors(model, texts).float().T).max(dim=0).values
+        gold = [row for key in {e.query_key for e in batch} for row in self.gold_of[key]]
+        scores[torch.as_tensor(gold, device=scores.device)] = float("-inf")
+        top = scores.topk(min(count, len(self.texts) - len(set(gold)))).indices.tolist()
+        return [self.texts[i] for i in top]
 
 
 def _ids_of(texts: Sequence[str]) -> list[int]:

@@ -1,0 +1,233 @@
+"""`transresnet index build`: captions -> vectors (the checkpoint's encoder) -> tuned FAISS index -> a
+published, versioned index directory (see ``index.store`` for the layout)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from index import faiss_index as fx
+from index import store
+from index.captions import CaptionTable, read_captions
+
+if TYPE_CHECKING:
+    from transresnet.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+TOOL = "transresnet-index"
+
+
+@dataclass
+class BuildOptions:
+    """Everything besides checkpoint, captions and output that shapes a build (see the CLI flags)."""
+
+    index_type: str = "flat"  # flat | ivf | hnsw | ivfpq | auto
+    keep: int = 3  # versions kept after publishing (the current one always among them)
+    batch_size: int = 128  # captions per encoder batch
+    precision: str = "auto"  # encoder precision: auto | float32 | bfloat16 | float16
+    recall_target: float = 0.95  # approximate types: recall@recall_k to reach against exact search
+    recall_k: int = 10
+    queries: str | None = None  # .npy of real query vectors (B, D) to tune with; else held-out captions
+    tune_queries: int = 1000  # held-out caption vectors used for tuning when no queries are given
+    memory_budget: str | None = None  # for auto, e.g. "4G" (default: half the RAM, at most 16 GiB)
+    nlist: int | None = None
+    pq_m: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    refine: bool = False
+    seed: int = 0
+
+    def cli_flags(self) -> dict[str, Any]:
+        """The flags that reproduce this build (recorded in the manifest for rebuild messages)."""
+        defaults = BuildOptions()
+        flags = {"type": self.index_type}
+        for name, value in asdict(self).items():
+            if name not in ("index_type", "keep") and value != getattr(defaults, name) and value is not False:
+                flags[name] = value
+        if self.refine:
+            flags["refine"] = ""
+        return flags
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("transresnet")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def load_queries(path: str | Path, dim: int) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"query vectors file {path} not found (an .npy array of shape (n, {dim}))")
+    try:
+        queries = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path} is not a plain .npy array ({err}); save with numpy.save") from None
+    if queries.ndim != 2 or queries.shape[1] != dim or len(queries) == 0:
+        raise ValueError(f"{path} holds an array of shape {queries.shape}; the index needs query vectors of "
+                         f"shape (n, {dim}) made with this checkpoint's encode_query")
+    return np.ascontiguousarray(queries, dtype=np.float32)
+
+
+@dataclass
+class Tuning:
+    """How the search parameters were chosen (recorded in the manifest)."""
+
+    params: dict[str, float]
+    recall: float | None
+    target: float | None
+    k: int | None
+    reached: bool | None
+    queries: str
+    n_queries: int
+    seconds: float
+
+
+def _held_out(n: int, count: int, seed: int) -> np.ndarray:
+    """Caption rows used as tuning queries (kept out of the IVF/PQ training sample)."""
+    count = min(count, max(1, n // 10))
+    return np.sort(np.random.default_rng(seed + 1).choice(n, size=count, replace=False))
+
+
+def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOptions
+                   ) -> tuple[faiss.Index, Tuning, dict[str, float]]:
+    """Build the index and tune its search parameters to the recall target; returns a CPU index."""
+    n, dim = vectors.shape
+    queries_file = load_queries(options.queries, dim) if options.queries else None
+    held_out = None if queries_file is not None or spec.type == "flat" else _held_out(n, options.tune_queries,
+                                                                                     options.seed)
+    train_ids = None
+    if held_out is not None and n > len(held_out):
+        train_ids = np.setdiff1d(np.arange(n), held_out)  # tuning queries stay unseen by k-means/PQ
+    index, timings = fx.build_faiss_index(vectors, spec, train_ids=train_ids, seed=options.seed)
+    started = time.perf_counter()
+    if spec.type == "flat":
+        tuning = Tuning({}, 1.0, None, None, None, "exact", 0, 0.0)
+    else:
+        k = max(1, min(options.recall_k, n - 1))
+        if queries_file is not None:
+            queries, self_ids, source = queries_file, None, f"query vectors from {options.queries}"
+        else:
+            queries, self_ids, source = vectors[held_out], held_out, "held-out caption vectors"
+        _, truth = fx.exact_search(vectors, queries, k + (self_ids is not None))
+        truth = fx.drop_self(truth, self_ids, k)
+        result = fx.tune_search(index, queries, truth, k=k, target=options.recall_target, self_ids=self_ids)
+        tuning = Tuning(result.params, result.recall, result.target, k, result.reached, source, len(queries),
+                        0.0)
+    tuning.seconds = time.perf_counter() - started
+    timings["tune_s"] = tuning.seconds
+    cpu_index = fx.to_cpu(index)
+    fx.apply_params(cpu_index, tuning.params)  # persisted, so a plain faiss.read_index gets them too
+    return cpu_index, tuning, timings
+
+
+def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTable, spec: fx.IndexSpec,
+              index: faiss.Index, tuning: Tuning, timings: dict[str, float], options: BuildOptions,
+              encoding: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format_version": store.FORMAT_VERSION,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": TOOL,
+        "tool_version": tool_version(),
+        "faiss_version": faiss.__version__,
+        "host": platform.node(),
+        "checkpoint": checkpoint_info,
+        "dim": int(index.d),
+        "count": int(index.ntotal),
+        "metric": "inner_product",
+        "normalized": checkpoint_info.get("scoring") == "cosine",
+        "scoring": checkpoint_info.get("scoring"),
+        "index": {
+            "type": spec.type,
+            "factory": spec.factory(int(index.d)),
+            "params": spec.to_dict(),
+            "search_params": tuning.params,
+            "memory_bytes": fx.index_memory_bytes(index),
+            "tuning": asdict(tuning),
+        },
+        "encoding": encoding,
+        "source": table.report(),
+        "columns": ["row", "id", "caption", *table.metadata],
+        "has_personality": table.personalities is not None,
+        "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "options": options.cli_flags(),
+                  "gpus": fx.gpu_count()},
+    }
+
+
+def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, checkpoint_info: dict[str, Any],
+                  options: BuildOptions, encoding: dict[str, Any] | None = None) -> Path:
+    """Build, tune and publish an index of ``vectors`` (row i = ``table`` row i) under ``root``."""
+    started = time.perf_counter()
+    n, dim = vectors.shape
+    if n != len(table):
+        raise ValueError(f"{n} vectors for {len(table)} captions")
+    budget = fx.parse_bytes(options.memory_budget) if options.memory_budget else None
+    requested = fx.IndexSpec(type=options.index_type, nlist=options.nlist, pq_m=options.pq_m,
+                             hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, refine=options.refine)
+    spec = fx.resolve_spec(requested, n, dim, budget)
+    index, tuning, timings = build_and_tune(vectors, spec, options)
+    version = store.new_version_name()
+    staging = store.new_staging_dir(root, version)
+    try:
+        faiss.write_index(index, str(staging / store.INDEX_FILE))
+        store.write_captions(staging / store.CAPTIONS_FILE, table)
+        timings["total_s"] = time.perf_counter() - started + (encoding or {}).get("seconds", 0.0)
+        manifest = _manifest(version=version, checkpoint_info=checkpoint_info, table=table, spec=spec,
+                             index=index, tuning=tuning, timings=timings, options=options,
+                             encoding=encoding or {})
+        manifest["files"] = {name: store.file_entry(staging / name)
+                             for name in (store.INDEX_FILE, store.CAPTIONS_FILE)}
+        store.write_json(staging / store.MANIFEST_FILE, manifest)
+        final = store.publish(staging, root, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous version stays current
+        raise
+    store.prune(root, options.keep)
+    return final
+
+
+def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
+    model = checkpoint.model
+    return {"path": str(Path(checkpoint.path).resolve()), "fingerprint": checkpoint.fingerprint,
+            "embed_dim": model.embed_dim, "scoring": model.config.scoring,
+            "text_encoder": model.text.identity()}
+
+
+def build_index(checkpoint: Checkpoint, captions: str | Path | CaptionTable, out_root: str | Path,
+                options: BuildOptions | None = None, *, progress: bool | None = None) -> Path:
+    """Encode ``captions`` with the checkpoint's text encoder and publish a new index version.
+
+    Returns the published version directory (INDEX_ROOT/versions/<version>).
+    """
+    from index.encode import choose_precision, encode_captions
+
+    options = options or BuildOptions()
+    if options.keep < 1:
+        raise ValueError(f"--keep must be at least 1, got {options.keep}")
+    if not 0.0 < options.recall_target <= 1.0:
+        raise ValueError(f"--recall-target must be in (0, 1], got {options.recall_target}")
+    table = captions if isinstance(captions, CaptionTable) else read_captions(captions)
+    model = checkpoint.model
+    precision = choose_precision(model, table.captions, options.precision)
+    started = time.perf_counter()
+    vectors = encode_captions(model, table.captions, batch_size=options.batch_size, precision=precision,
+                              progress=progress)
+    seconds = time.perf_counter() - started
+    logger.info("encoded %d captions in %.1fs (%.0f captions/s, %s, %s)", len(table), seconds,
+                len(table) / max(seconds, 1e-9), precision, model.device)
+    encoding = {"precision": precision, "device": str(model.device), "batch_size": options.batch_size,
+                "seconds": round(seconds, 3), "captions_per_second": round(len(table) / max(seconds, 1e-9), 1)}
+    return write_version(Path(out_root), vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
+                         options=options, encoding=encoding)

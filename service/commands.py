@@ -1,0 +1,92 @@
+"""``transresnet serve``: run the API with uvicorn. Light at import; the app is built inside the handler."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags the user gave; unset flags leave the environment / .env settings alone."""
+    values = {
+        "checkpoint": args.checkpoint, "index_root": args.index, "host": args.host, "port": args.port,
+        "device": args.device, "max_batch": args.max_batch, "max_search_batch": args.max_search_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
+    }
+    if args.no_batching:
+        values["batching"] = False
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _curl_example(base: str) -> str:
+    return f"curl -F image=@photo.jpg -F personality=Sweet -F personality=Sarcastic -F k=3 {base}/v1/captions"
+
+
+def _check_paths(checkpoint: Path, index_root: Path) -> None:
+    """Fail before uvicorn starts, with a message instead of a startup traceback."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found: train one with `transresnet train --config "
+                                "CONFIG --out RUN` and pass RUN/best")
+    if not index_root.exists():
+        raise FileNotFoundError(f"index {index_root} not found: build one with `transresnet index build "
+                                f"--checkpoint {checkpoint} --captions FILE --out {index_root}`")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Idle OpenMP threads must sleep, not spin: the encoder, FAISS and decode threads share few cores, and
+    # spinning teams slow each other down by orders of magnitude. Only effective before torch/faiss load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import uvicorn
+
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(**_overrides(args))
+    if settings.checkpoint is None and settings.index_root is None:
+        from service.demo import ensure_demo
+
+        logger.info("no checkpoint or index configured: serving the embedded synthetic demo")
+        checkpoint, index_root = ensure_demo(settings.demo_dir)
+        settings = settings.model_copy(update={"checkpoint": checkpoint, "index_root": index_root})
+    elif settings.checkpoint is None or settings.index_root is None:
+        raise ValueError("give both --checkpoint and --index (or TRANSRESNET_CHECKPOINT and "
+                         "TRANSRESNET_INDEX_ROOT), or neither for the embedded demo")
+
+    _check_paths(settings.checkpoint, settings.index_root)
+
+    from service.main import create_app
+
+    app = create_app(settings)
+    shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{shown_host}:{settings.port}"
+    logger.info("web page: %s/   API docs: %s/docs", base, base)
+    logger.info("try: %s", _curl_example(base))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="serve the caption ranking API and web page",
+        description="Serve a checkpoint and caption index over HTTP. Flags override TRANSRESNET_* environment "
+                    "variables and .env; with no checkpoint and index at all, a synthetic demo is built once "
+                    "(cached in --demo-dir) and served.")
+    serve.add_argument("--checkpoint", type=Path, help="checkpoint directory (e.g. runs/flickr8k/best)")
+    serve.add_argument("--index", type=Path, help="index root (its current version is served) or a version dir")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
+    serve.add_argument("--max-batch", type=int, help="most images encoded together (default 4; 32+ on a GPU)")
+    serve.add_argument("--max-search-batch", type=int, help="most requests searched together (default 64)")
+    serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--no-batching", action="store_true", help="encode and search one request at a time")
+    serve.add_argument("--threads", type=int, help="torch CPU threads for image encoding (default: torch's)")
+    serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demo (default .cache/demo)")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)

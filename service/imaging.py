@@ -1,0 +1,91 @@
+"""Safe decoding of untrusted uploads: size and pixel limits are checked before pixels are decoded."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+
+# Formats PIL may try on uploads; plugins that call external programs (EPS -> ghostscript) stay off.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "HEIF")
+_SUPPORTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    """The allowed formats this Pillow build can open (AVIF/HEIF need optional plugins)."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def _check_length(data: bytes, max_bytes: int) -> None:
+    if not data:
+        raise InvalidImage("the image file is empty (0 bytes); attach a JPEG, PNG or WebP photo")
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the image is {len(data):,} bytes; the limit is {max_bytes:,} bytes: "
+                            "send a smaller or more compressed photo")
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    """Base64 (optionally a ``data:image/...;base64,`` URL) -> bytes, refusing oversize input before decoding."""
+    if text.startswith("data:"):
+        _, sep, text = text.partition(",")
+        if not sep:
+            raise InvalidImage("image_base64 is a data URL without a ',' before the base64 payload")
+    text = "".join(text.split())  # line-wrapped base64 (e.g. `base64` without -w0) is fine
+    if len(text) * 3 // 4 > max_bytes + 3:
+        raise ImageTooLarge(f"the decoded image would exceed the limit of {max_bytes:,} bytes; "
+                            "send a smaller or more compressed photo")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise InvalidImage(f"image_base64 is not valid base64 ({err}); encode the file bytes with "
+                           "standard base64 (A-Z, a-z, 0-9, +, /, = padding)") from None
+    _check_length(data, max_bytes)
+    return data
+
+
+def _draft_target(img: Image.Image, min_side: int) -> None:
+    """Let libjpeg decode big JPEGs at 1/2..1/8 scale; we keep at least twice the short side we need."""
+    if img.format == "JPEG" and min_side > 0:
+        img.draft("RGB", (2 * min_side, 2 * min_side))
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = 0) -> Image.Image:
+    """Untrusted bytes -> RGB image, or ``InvalidImage`` / ``ImageTooLarge`` saying what to fix."""
+    _check_length(data, max_bytes)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=_formats())
+        with img:
+            # Image.open reads only the header: refuse bombs before any pixel is decoded.
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                                    f"{max_pixels:,} pixels: downscale it before sending")
+            if width < 1 or height < 1:
+                raise InvalidImage(f"the image has no pixels ({width}x{height})")
+            _draft_target(img, min_side)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img  # phone photos carry their rotation in EXIF
+            return img.convert("RGB")
+    except (ImageTooLarge, InvalidImage):
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage(f"the file is not an image this service can read; send {_SUPPORTED}") from None
+    except Image.DecompressionBombError:
+        # Pillow's own header check fires first for absurd sizes (> 2 x Image.MAX_IMAGE_PIXELS).
+        raise ImageTooLarge(f"the image header declares far more than the limit of {max_pixels:,} pixels "
+                            "(a decompression bomb?): downscale it before sending") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as err:
+        # Truncated or corrupt files: PIL reports them as OSError/SyntaxError and friends.
+        raise InvalidImage(f"the image could not be decoded ({err}); the file may be truncated or corrupt, "
+                           "send the complete file") from None
+

@@ -1,0 +1,63 @@
+"""Prometheus metrics: request counts, per-stage latency histograms, batch sizes, model and index versions.
+
+Each app gets its own registry, so several apps (tests, reloads) never collide on metric names.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "total")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServiceMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("transresnet_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=r)
+        self.in_flight = Gauge("transresnet_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.errors = Counter("transresnet_request_errors", "Refused requests by error code", ["error"], registry=r)
+        self.stage_seconds = Histogram("transresnet_stage_seconds", "Latency of each stage of a caption request",
+                                       ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("transresnet_batch_size", "Requests per micro-batch", ["stage"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.personalities = Counter("transresnet_personalities_ranked", "Ranked lists returned", registry=r)
+        self.reloads = Counter("transresnet_reloads", "Admin reloads by outcome", ["outcome"], registry=r)
+        self.index_info = Gauge("transresnet_index_info", "The index being served (value 1)",
+                                ["version", "fingerprint"], registry=r)
+        self.index_size = Gauge("transresnet_index_captions", "Captions in the index being served", registry=r)
+        self.model_info = Gauge("transresnet_model_info", "The checkpoint being served (value 1)",
+                                ["name", "version", "fingerprint"], registry=r)
+        self.loaded_at = Gauge("transresnet_loaded_timestamp_seconds", "When the served model/index were loaded",
+                               registry=r)
+        for stage in STAGES:  # export every series from the start, so dashboards see zeros, not gaps
+            self.stage_seconds.labels(stage)
+        for stage in ("encode", "search"):
+            self.batch_size.labels(stage)
+
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
+
+    def observe_batch(self, stage: str, size: int) -> None:
+        self.batch_size.labels(stage).observe(size)
+
+    def set_serving(self, model: dict[str, Any], index: dict[str, Any]) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model["name"], model["version"], model["fingerprint"]).set(1)
+        self.index_info.clear()
+        self.index_info.labels(index["version"], model["fingerprint"]).set(1)
+        self.index_size.set(index["size"])
+        self.loaded_at.set(time.time())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,149 @@
+"""The ranking pipeline: decode (thread pool) -> encode (micro-batched) -> search (micro-batched).
+
+Each request carries the ``Bundle`` it started with, so a reload never changes the model or index under
+an in-flight request; batches are split by bundle, so requests on old and new bundles never mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from index.encode import encode_queries
+from service.batching import MicroBatcher
+from service.bundle import Bundle
+from service.imaging import decode_image
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    bundle: Bundle
+    pixels: torch.Tensor
+    """One preprocessed image (3, H, W)."""
+    trait_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    bundle: Bundle
+    queries: np.ndarray
+    """One query vector per personality (n, D), float32."""
+    k: int
+
+
+@dataclass
+class Ranking:
+    hits: list[list[Any]]
+    """One ranked list of index hits per requested personality."""
+    timings_s: dict[str, float]
+    encode_batch: int
+    search_batch: int
+
+
+def _groups(items: Sequence[Item], key: Callable[[Item], Hashable]) -> dict[Hashable, list[int]]:
+    """Positions of the items, grouped by key, in first-seen order."""
+    groups: dict[Hashable, list[int]] = {}
+    for pos, item in enumerate(items):
+        groups.setdefault(key(item), []).append(pos)
+    return groups
+
+
+def encode_jobs(jobs: Sequence[EncodeJob]) -> list[np.ndarray]:
+    """Encode every image once, then pair its features with each of its personalities."""
+    out: list[np.ndarray] = [np.empty(0)] * len(jobs)
+    for positions in _groups(jobs, lambda j: id(j.bundle)).values():
+        group = [jobs[p] for p in positions]
+        model = group[0].bundle.checkpoint.model
+        counts = torch.tensor([len(j.trait_ids) for j in group])
+        trait_ids = torch.tensor([t for j in group for t in j.trait_ids], dtype=torch.long)
+        with torch.inference_mode():
+            features = model.encode_image(torch.stack([j.pixels for j in group]))
+            features = features.repeat_interleave(counts.to(features.device), dim=0)
+        queries_np = encode_queries(model, trait_ids, features=features)  # the evaluator's query path
+        for pos, chunk in zip(positions, np.split(queries_np, np.cumsum(counts.numpy())[:-1]), strict=True):
+            out[pos] = np.ascontiguousarray(chunk, dtype=np.float32)
+    return out
+
+
+def search_jobs(jobs: Sequence[SearchJob]) -> list[list[list[Any]]]:
+    """One FAISS call per (index, k): equal k keeps results identical to searching each request alone."""
+    out: list[list[list[Any]]] = [[] for _ in jobs]
+    for positions in _groups(jobs, lambda j: (id(j.bundle), j.k)).values():
+        group = [jobs[p] for p in positions]
+        queries = np.concatenate([j.queries for j in group]) if len(group) > 1 else group[0].queries
+        hits = group[0].bundle.index.search(queries, group[0].k)
+        start = 0
+        for pos, job in zip(positions, group, strict=True):
+            out[pos] = hits[start:start + len(job.queries)]
+            start += len(job.queries)
+    return out
+
+
+class Ranker:
+    """Owns the decode pool and the two batch workers; ``rank`` is the whole request path."""
+
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._decoding = 0  # requests in the decode stage: the encoder waits for them only if any exist
+        self._encoding = 0  # requests queued for or in encoding: the same for the searcher
+        wait_s = settings.max_wait_ms / 1000.0
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.encoder: MicroBatcher[EncodeJob, np.ndarray] = MicroBatcher(
+            encode_jobs, name="encode", max_batch=settings.effective_max_batch, max_wait_s=wait_s,
+            expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n))
+        self.searcher: MicroBatcher[SearchJob, list[list[Any]]] = MicroBatcher(
+            search_jobs, name="search", max_batch=settings.effective_max_search_batch, max_wait_s=wait_s,
+            expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n))
+
+    def start(self) -> None:
+        self.encoder.start()
+        self.searcher.start()
+
+    def stop(self) -> None:
+        self.encoder.stop()
+        self.searcher.stop()
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.encoder.alive and self.searcher.alive
+
+    def _decode(self, bundle: Bundle, data: bytes) -> torch.Tensor:
+        image = decode_image(data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels,
+                             min_side=bundle.min_side)
+        return bundle.preprocessor(image)
+
+    async def rank(self, bundle: Bundle, data: bytes, trait_ids: Sequence[int], k: int) -> Ranking:
+        start = time.perf_counter()
+        self._decoding += 1  # counted from the start, so the encoder knows this request is coming
+        try:
+            loop = asyncio.get_running_loop()
+            pixels = await loop.run_in_executor(self._decode_pool, self._decode, bundle, data)
+            decoded = time.perf_counter()
+        finally:
+            self._decoding -= 1
+        self._encoding += 1
+        try:
+            queries, enc = await self.encoder.submit(EncodeJob(bundle, pixels, tuple(trait_ids)))
+        finally:
+            self._encoding -= 1
+        hits, srch = await self.searcher.submit(SearchJob(bundle, queries, k))
+        timings = {"decode": decoded - start, "encode_queue": enc.wait_s, "encode": enc.run_s,
+                   "search_queue": srch.wait_s, "search": srch.run_s, "total": time.perf_counter() - start}
+        self.metrics.observe_stages(timings)
+        return Ranking(hits, timings, enc.size, srch.size)

@@ -1,0 +1,102 @@
+"""What the app serves: the current bundle (checkpoint + index) and the ranking workers, with hot swap.
+
+A reload loads and warms the new bundle off the event loop while the old one keeps serving, then swaps
+one reference. Requests hold the bundle they started with, so none is dropped or fails during a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.bundle import Bundle, load_bundle
+from service.errors import NotReady, ReloadFailed
+from service.metrics import ServiceMetrics
+from service.ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+def configure_threads(settings: ServiceSettings) -> None:
+    import faiss
+
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    faiss.omp_set_num_threads(settings.search_threads)
+
+
+def warm_up(bundle: Bundle) -> None:
+    """One request's worth of work, so the first real request does not pay for lazy initialisation."""
+    size = bundle.preprocessor.cfg.image_size
+    pixels = torch.zeros(3, size, size)
+    (queries,) = encode_jobs([EncodeJob(bundle, pixels, (0,))])
+    search_jobs([SearchJob(bundle, queries, 1)])
+    if not np.isfinite(queries).all():
+        raise ValueError(f"checkpoint {bundle.checkpoint.path} produces non-finite query vectors")
+
+
+class Resources:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
+        if settings.checkpoint is None or settings.index_root is None:
+            raise ValueError("the service needs a checkpoint and an index root (TRANSRESNET_CHECKPOINT, "
+                             "TRANSRESNET_INDEX_ROOT); `transresnet serve` builds a demo pair when both are unset")
+        self.settings = settings
+        self.metrics = metrics
+        self.ranker = Ranker(settings, metrics)
+        self._bundle: Bundle | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def bundle(self) -> Bundle:
+        if self._bundle is None:
+            raise NotReady("the model and index are still loading; retry shortly")
+        return self._bundle
+
+    @property
+    def ready(self) -> bool:
+        return self._bundle is not None and self.ranker.alive
+
+    def _load(self, checkpoint_path: Path, reuse_checkpoint: bool) -> Bundle:
+        current = self._bundle.checkpoint if (reuse_checkpoint and self._bundle) else None
+        bundle = load_bundle(checkpoint_path, self.settings.index_root, device=self.settings.device,
+                             mmap=self.settings.index_mmap, checkpoint=current)
+        warm_up(bundle)
+        return bundle
+
+    def _install(self, bundle: Bundle) -> None:
+        self._bundle = bundle
+        self.metrics.set_serving(bundle.model_info, bundle.index_info)
+
+    async def start(self) -> None:
+        configure_threads(self.settings)
+        bundle = await asyncio.to_thread(self._load, self.settings.checkpoint, False)
+        self.ranker.start()
+        self._install(bundle)
+
+    async def reload(self, checkpoint: Path | None = None) -> tuple[Bundle, Bundle]:
+        """Swap in the index root's newest version (and ``checkpoint`` if given); returns (old, new)."""
+        async with self._reload_lock:
+            old = self.bundle
+            start = time.perf_counter()
+            try:
+                new = await asyncio.to_thread(self._load, checkpoint or old.checkpoint.path, checkpoint is None)
+            except Exception as err:  # corrupt or mismatched files: refuse, keep the old bundle serving
+                self.metrics.reloads.labels("failed").inc()
+                logger.warning("reload refused, still serving index %s: %s", old.index.version, err)
+                raise ReloadFailed(f"{err}; still serving model {old.model_info['version']} with index "
+                                   f"{old.index.version}", serving_index_version=str(old.index.version)) from None
+            self._install(new)
+            self.metrics.reloads.labels("ok").inc()
+            logger.info("reloaded in %.2fs: index %s -> %s, model %s -> %s", time.perf_counter() - start,
+                        old.index.version, new.index.version, old.model_info["version"], new.model_info["version"])
+            return old, new
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.ranker.stop)
+        self._bundle = None

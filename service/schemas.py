@@ -1,0 +1,132 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from service.settings import MAX_K
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Personalities = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=200)]],
+    BeforeValidator(_as_list),
+    Field(min_length=1, description="Trait names (case-insensitive, synonyms accepted); 'none' = no personality. "
+                                    "A single string is accepted too."),
+]
+K = Annotated[int, Field(ge=1, le=MAX_K, description="Captions to return per personality")]
+
+
+class CaptionsQuery(BaseModel):
+    """The non-image fields of a caption request (the form fields, validated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    personality: Personalities
+    k: K = 5
+
+
+class CaptionsJSONRequest(CaptionsQuery):
+    """The JSON form of a caption request: the image as base64 (a data: URL works too)."""
+
+    image_base64: str = Field(min_length=1, description="The image file's bytes, base64-encoded")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"image_base64": "/9j/4AAQSkZJRg...", "personality": ["Sarcastic", "Sweet"], "k": 5}]})
+
+
+class CaptionHit(BaseModel):
+    id: str = Field(description="The caption's id in the index's caption source")
+    caption: str
+    score: float = Field(description="Dot-product score; higher ranks first")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PersonalityRanking(BaseModel):
+    requested: str = Field(description="The personality as sent")
+    personality: str = Field(description="The canonical trait name ('none' for no personality)")
+    captions: list[CaptionHit]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str = Field(description="Short hash of the checkpoint weights")
+    fingerprint: str = Field(description="Text-side fingerprint the index was built with")
+
+
+class IndexInfo(BaseModel):
+    version: str
+    size: int = Field(description="Captions in the index")
+    type: str | None = None
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    encode_queue_ms: float
+    encode_ms: float
+    search_queue_ms: float
+    search_ms: float
+    total_ms: float
+    encode_batch_size: int = Field(description="Requests encoded together with this one")
+    search_batch_size: int
+
+
+class CaptionsResponse(BaseModel):
+    results: list[PersonalityRanking] = Field(description="One ranked list per requested personality, in order")
+    k: int
+    model: ModelInfo
+    index: IndexInfo
+    timings: Timings
+
+
+class Personality(BaseModel):
+    name: str
+    synonyms: list[str] = Field(default_factory=list)
+
+
+class PersonalitiesResponse(BaseModel):
+    count: int
+    personalities: list[Personality]
+    none_aliases: list[str] = Field(description="Names that ask for no personality")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    model: ModelInfo | None = None
+    index: IndexInfo | None = None
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(None, description="A new checkpoint directory on the server; omit to keep "
+                                                     "the current one")
+
+
+class ReloadResponse(BaseModel):
+    model: ModelInfo
+    index: IndexInfo
+    previous_model: ModelInfo
+    previous_index: IndexInfo
+    seconds: float
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="Machine-readable error code")
+    message: str = Field(description="What went wrong and how to fix the request")
+    suggestions: list[str] | None = Field(None, description="Closest traits, for an unknown personality")
+    problems: list[FieldProblem] | None = None

@@ -1,0 +1,128 @@
+// The demo page: pick a photo and personalities, POST them to /v1/captions, show the ranked captions.
+"use strict";
+
+const state = { file: null, traits: [], selected: [] };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, { dataset = {}, ...props } = {}, ...children) {
+  const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.dataset, dataset);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function setFile(file) {
+  if (!file) return;
+  state.file = file;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  preview.alt = file.name;
+  preview.hidden = false;
+  $("drop-hint").hidden = true;
+  showError("");
+}
+
+function renderChips() {
+  const chips = $("selected-traits");
+  chips.replaceChildren(...state.selected.map((name) =>
+    el("button", { type: "button", className: "chip", textContent: `${name} ×`, title: `Remove ${name}`,
+                   onclick: () => toggleTrait(name, false) })));
+  for (const box of document.querySelectorAll("#trait-list input")) box.checked = state.selected.includes(box.value);
+}
+
+function toggleTrait(name, on) {
+  state.selected = state.selected.filter((n) => n !== name);
+  if (on) state.selected.push(name);
+  renderChips();
+}
+
+function renderTraitList(filter = "") {
+  const needle = filter.trim().toLowerCase();
+  const items = state.traits
+    .filter((t) => !needle || [t.name, ...t.synonyms].some((s) => s.toLowerCase().includes(needle)))
+    .map((t) => {
+      const box = el("input", { type: "checkbox", value: t.name, checked: state.selected.includes(t.name),
+                                onchange: (e) => toggleTrait(t.name, e.target.checked) });
+      const label = el("label", {}, box, ` ${t.name}`);
+      if (t.synonyms.length) label.append(el("span", { className: "synonyms", textContent: ` (${t.synonyms.join(", ")})` }));
+      return el("li", { dataset: { trait: t.name } }, label);
+    });
+  $("trait-list").replaceChildren(...items);
+}
+
+async function loadTraits() {
+  try {
+    const response = await fetch("/v1/personalities");
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.message || response.statusText);
+    state.traits = [{ name: "none", synonyms: ["no personality"] }, ...body.personalities];
+    renderTraitList();
+  } catch (err) {
+    showError(`Could not load the personalities: ${err.message}`);
+  }
+}
+
+function renderResults(body) {
+  const sections = body.results.map((result) => el("article", { className: "result" },
+    el("h3", { textContent: result.personality }),
+    el("ol", {}, ...result.captions.map((c) => el("li", { className: "caption" },
+      el("span", { className: "caption-text", textContent: c.caption }),
+      el("span", { className: "score", textContent: c.score.toFixed(3) }))))));
+  $("results").replaceChildren(...sections);
+  const t = body.timings;
+  $("status").textContent = `${t.total_ms.toFixed(0)} ms (decode ${t.decode_ms.toFixed(0)}, encode ` +
+    `${t.encode_ms.toFixed(0)}, search ${t.search_ms.toFixed(0)}) · model ${body.model.version} · ` +
+    `index ${body.index.version} (${body.index.size} captions)`;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  if (!state.file) return showError("Choose or drop a photo first.");
+  if (!state.selected.length) return showError("Pick at least one personality (or 'none').");
+  const form = new FormData();
+  form.append("image", state.file, state.file.name);
+  for (const name of state.selected) form.append("personality", name);
+  form.append("k", $("k").value || "5");
+  showError("");
+  $("submit").disabled = true;
+  $("status").textContent = "Ranking…";
+  try {
+    const response = await fetch("/v1/captions", { method: "POST", body: form });
+    const body = await response.json();
+    if (!response.ok) {
+      const hint = body.suggestions && body.suggestions.length ? ` Did you mean: ${body.suggestions.join(", ")}?` : "";
+      throw new Error((body.message || response.statusText) + hint);
+    }
+    renderResults(body);
+  } catch (err) {
+    $("status").textContent = "";
+    showError(err.message);
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+function setupDropZone() {
+  const zone = $("drop-zone");
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (e) => { e.preventDefault(); zone.classList.add("dragging"); });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    zone.addEventListener(name, (e) => { e.preventDefault(); zone.classList.remove("dragging"); });
+  }
+  zone.addEventListener("drop", (e) => setFile(e.dataTransfer.files[0]));
+  $("image-input").addEventListener("change", (e) => setFile(e.target.files[0]));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupDropZone();
+  $("trait-search").addEventListener("input", (e) => renderTraitList(e.target.value));
+  $("caption-form").addEventListener("submit", submit);
+  loadTraits();
+});

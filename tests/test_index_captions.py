@@ -1,0 +1,74 @@
+"""Caption sources for the index: text, CSV and JSONL readers, empty/duplicate dropping, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from index.captions import read_captions
+from tests.conftest import shared_path
+
+
+def test_text_file_drops_empty_and_duplicates(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_text("A dog runs.\n\n   \nA cat sleeps.\na  DOG runs.\nA dog runs.\nA bird sings.\n", encoding="utf-8")
+    table = read_captions(path)
+    assert table.captions == ["A dog runs.", "A cat sleeps.", "A bird sings."]
+    assert table.ids == ["0", "3", "6"]  # line numbers of the kept captions
+    assert (table.rows_read, table.dropped_empty, table.dropped_duplicate) == (7, 2, 2)
+    assert table.metadata == {}
+
+
+def test_csv_keeps_metadata_and_first_duplicate(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("image,caption,personality\n"
+                    "a.jpg,A red thing.,Sweet\n"
+                    "b.jpg,  a red   thing. ,Angry\n"
+                    "c.jpg,,Sweet\n"
+                    "d.jpg,\"A blue thing, with a comma.\",\n", encoding="utf-8")
+    table = read_captions(path)
+    assert table.captions == ["A red thing.", "A blue thing, with a comma."]
+    assert table.metadata == {"image": ["a.jpg", "d.jpg"], "personality": ["Sweet", ""]}
+    assert table.report() == {"path": str(path), "format": "csv", "rows": 4, "kept": 2, "dropped_empty": 1,
+                              "dropped_duplicate": 1}
+
+
+def test_jsonl_ids_and_late_columns(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    rows = [{"caption": "one", "id": 7}, {"caption": "two", "id": "x", "personality": "Sweet", "extra": {"a": 1}},
+            {"caption": " "}, {"caption": "three"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    table = read_captions(path)
+    assert table.ids == ["7", "x", "3"]
+    assert table.metadata["personality"] == [None, "Sweet", None]
+    assert table.metadata["extra"] == [None, '{"a": 1}', None]
+    assert table.dropped_empty == 1
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("c.csv", "image,text\na.jpg,hello\n", "no 'caption' column"),
+    ("c.jsonl", '{"text": "hello"}\n', "no 'caption' field"),
+    ("c.jsonl", "{not json\n", "not valid JSON"),
+    ("c.parquet", "x", "cannot tell the format"),
+    ("c.txt", "\n  \n", "no non-empty captions"),
+])
+def test_bad_sources_say_what_to_fix(tmp_path: Path, name: str, content: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_captions(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_captions(tmp_path / "nope.csv")
+
+
+def test_real_flickr8k_captions() -> None:
+    table = read_captions(shared_path("data", "flickr8k-captions", "captions.csv"))
+    assert table.rows_read == 39460
+    assert len(table) + table.dropped_duplicate + table.dropped_empty == 39460
+    assert 0 < table.dropped_duplicate < 1000
+    assert set(table.metadata) == {"image"}
