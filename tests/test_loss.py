@@ -36,3 +36,12 @@ def test_same_query_other_gold_is_masked() -> None:
         [False, False, False, False],
         [False, False, False, False],
     ]
+
+
+def test_extra_negatives_join_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    extra = torch.tensor([[1.0], [3.0]])
+    loss = InBatchSoftmaxLoss()(logits, torch.tensor([0, 1]), extra_logits=extra)
+    row0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(1)))
+    row1 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(3)))
+    assert abs(loss.item() - (row0 + row1) / 2) < 1e-6

@@ -24,9 +24,12 @@ def false_negative_mask(caption_ids: torch.Tensor, query_ids: torch.Tensor | Non
 class InBatchSoftmaxLoss(nn.Module):
     """Softmax cross entropy of each query over all captions in the batch; the diagonal is the target."""
 
-    def forward(self, logits: torch.Tensor, caption_ids: torch.Tensor,
-                query_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, caption_ids: torch.Tensor, query_ids: torch.Tensor | None = None,
+                extra_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``extra_logits`` (B, N): scores against captions outside the batch that are negatives of every query."""
         assert logits.shape[0] == logits.shape[1], "in-batch loss needs one caption per query"
         masked = logits.masked_fill(false_negative_mask(caption_ids, query_ids), float("-inf"))
+        if extra_logits is not None:
+            masked = torch.cat([masked, extra_logits.to(masked.dtype)], dim=1)
         targets = torch.arange(logits.shape[0], device=logits.device)
         return F.cross_entropy(masked.float(), targets)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.features import cached_features, weights_identity
 from transresnet.images import ImagePreprocessor, open_rgb
-from transresnet.loss import InBatchSoftmaxLoss, false_negative_mask
+from transresnet.loss import InBatchSoftmaxLoss
 from transresnet.metrics import summarize_ranks
 from transresnet.model import TransResNet, create_model
 from transresnet.retrieval import RankingTask, rank_task, task_for
@@ -314,12 +313,11 @@ class Trainer:
             logits = self.model.logits(queries, captions)
         caption_ids = torch.as_tensor(_ids_of([e.caption for e in batch]), device=self.device)
         query_ids = torch.as_tensor([e.query_key for e in batch], device=self.device)
+        extra = None
         if self.pool is not None:
             negatives = self.pool.hardest(self.model, self.texts, queries, batch, self.config.train.hard_negatives)
             extra = self.model.logits(queries, self.texts.vectors(negatives))
-            loss = _loss_with_negatives(logits, extra, caption_ids, query_ids)
-        else:
-            loss = self.loss(logits, caption_ids, query_ids)
+        loss = self.loss(logits, caption_ids, query_ids, extra)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -427,14 +425,6 @@ class Trainer:
                 logger.info("%-20s R@1 %6.2f  R@5 %6.2f  R@10 %6.2f  median rank %g (%d queries)", key,
                             value["R@1"], value["R@5"], value["R@10"], value["median_rank"], value["queries"])
         return TrainResult(self.out_dir, best, report)
-
-
-def _loss_with_negatives(logits: torch.Tensor, extra: torch.Tensor, caption_ids: torch.Tensor,
-                         query_ids: torch.Tensor) -> torch.Tensor:
-    """The in-batch softmax loss with ``extra`` (B, N) columns: captions that are negatives of every query."""
-    masked = logits.masked_fill(false_negative_mask(caption_ids, query_ids), float("-inf"))
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return F.cross_entropy(torch.cat([masked, extra.to(masked.dtype)], dim=1).float(), targets)
 
 
 class _CaptionPool:
