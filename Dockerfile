@@ -39,6 +39,7 @@ USER app
 
 # Weights load from the mounted checkpoint only; nothing is fetched from a model hub.
 ENV HF_HUB_OFFLINE=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     TRANSFORMERS_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     TRANSRESNET_HOST=0.0.0.0 \

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     sample = captions[:: max(1, len(captions) // 200)]
     with torch.inference_mode():
         ours_pooled = model.text.pool(sample).cpu().numpy()
-    same_weights = float(cosine_rows(ours_pooled, st.encode(sample, batch_size=args.batch_size, show_progress_bar=False)).min())
+    theirs = st.encode(sample, batch_size=args.batch_size, show_progress_bar=False)
+    same_weights = float(cosine_rows(ours_pooled, theirs).min())
     auto = choose_precision(model, captions, "auto")
 
     methods = {

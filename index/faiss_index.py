@@ -349,6 +349,42 @@ def exhaustive_params(index: faiss.Index, n: int) -> dict[str, float]:
     return {}
 
 
+# ---------------------------------------------------------------------------------- exact search
+
+
+def flat_vectors(index: faiss.Index) -> np.ndarray | None:
+    """A zero-copy (n, d) view of a CPU exact index's stored vectors (valid while the index lives),
+    or None for any other index."""
+    inner = faiss.downcast_index(index)
+    if not isinstance(inner, faiss.IndexFlat) or inner.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+
+
+def blas_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k by one BLAS product (a matrix-vector product for one query)."""
+    scores = queries @ vectors.T
+    n = scores.shape[1]
+    if k < n:
+        top = np.argpartition(scores, n - k, axis=1)[:, n - k:]  # the k largest, unordered
+    else:
+        top = np.broadcast_to(np.arange(n), scores.shape)
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return (np.take_along_axis(top_scores, order, axis=1).astype(np.float32, copy=False),
+            np.take_along_axis(top, order, axis=1).astype(np.int64, copy=False))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, *, flat_view: np.ndarray | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search``, except that exact search of fewer than BLAS_THRESHOLD queries scores the index's
+    own vectors with BLAS: faiss-cpu 1.15's one-query kernel measured 2-3x slower than OpenBLAS's
+    matrix-vector product (numpy's) on 10k-1M x 500 vectors, while batches are faster through FAISS."""
+    if flat_view is not None and len(queries) < BLAS_THRESHOLD:
+        return blas_topk(flat_view, queries, k)
+    return index.search(queries, k)
+
+
 # --------------------------------------------------------------------------------------- recall
 
 
@@ -369,7 +405,7 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarra
     if self_ids is None:
         return ids[:, :k]
     out = np.full((len(ids), k), -1, dtype=np.int64)
-    for row, (found, own) in enumerate(zip(ids, self_ids)):
+    for row, (found, own) in enumerate(zip(ids, self_ids, strict=True)):
         kept = found[found != own][:k]
         out[row, : len(kept)] = kept
     return out
@@ -377,7 +413,7 @@ def drop_self(ids: np.ndarray, self_ids: np.ndarray | None, k: int) -> np.ndarra
 
 def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
     """Mean fraction of the exact top-k found in the approximate top-k (k-recall@k)."""
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) for a, e in zip(approx, exact)]
+    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist()) - {-1}) for a, e in zip(approx, exact, strict=True)]
     return float(np.mean(hits)) / k
 
 

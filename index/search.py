@@ -82,6 +82,7 @@ class CaptionIndex:
         self.version = path.name
         self.dim = int(manifest["dim"])
         self._on_gpu = fx.is_gpu_index(index)
+        self._flat_view = None if self._on_gpu else fx.flat_vectors(index)  # exact: small-batch BLAS path
         self._gpu_lock = threading.Lock()
         self._tags_lock = threading.Lock()
         self._tags: dict[str, tuple[np.ndarray, faiss.IDSelector, np.ndarray]] | None = None
@@ -140,8 +141,9 @@ class CaptionIndex:
 
     def _tagged(self, personality: str) -> tuple[np.ndarray, faiss.IDSelector]:
         if not self.has_personality_tags:
-            raise ValueError(f"this index has no personality tags (its caption source {self.manifest['source']['path']} "
-                             "has no 'personality' column); search without a personality filter or rebuild "
+            source = self.manifest["source"]["path"]
+            raise ValueError(f"this index has no personality tags (its caption source {source} has no "
+                             "'personality' column); search without a personality filter or rebuild "
                              "from captions that carry one")
         entry = self._tag_index().get(normalise_tag(personality))
         if entry is None:
@@ -180,7 +182,7 @@ class CaptionIndex:
             with self._gpu_lock:
                 return self._index.search(queries, k)
         if params is None:
-            return self._index.search(queries, k)
+            return fx.search(self._index, queries, k, flat_view=self._flat_view)
         return self._index.search(queries, k, params=params)
 
     def search_ids(self, queries: np.ndarray, k: int, personality: str | None = None
@@ -238,9 +240,9 @@ class CaptionIndex:
         rows = self._captions.take(pa.array(ids[valid], type=pa.int64())).to_pylist()
         records = iter(rows)
         results: list[list[Hit]] = []
-        for query_scores, query_ids, query_valid in zip(scores, ids, valid):
+        for query_scores, query_ids, query_valid in zip(scores, ids, valid, strict=True):
             hits = []
-            for score, row, ok in zip(query_scores, query_ids, query_valid):
+            for score, row, ok in zip(query_scores, query_ids, query_valid, strict=True):
                 if not ok:
                     continue
                 record = next(records)

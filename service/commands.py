@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,6 @@ def _check_paths(checkpoint: Path, index_root: Path) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Idle OpenMP threads must sleep, not spin: the encoder, FAISS and decode threads share few cores, and
-    # spinning teams slow each other down by orders of magnitude. Only effective before torch/faiss load.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from service.settings import ServiceSettings

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Idle OpenMP threads that spin steal the cores torch and FAISS need on small shared machines
+    # (measured: index build 3x faster with PASSIVE). Must be set before torch or faiss load.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
