@@ -72,19 +72,10 @@ def _register_query(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_query)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU; use --device cpu")
-    return name
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     from index.build import BuildOptions, build_index
     from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
 
     options = BuildOptions(index_type=args.index_type, keep=args.keep, batch_size=args.batch_size,
                            precision=args.precision, recall_target=args.recall_target, recall_k=args.recall_k,
@@ -92,7 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                            memory_budget=args.memory_budget, nlist=args.nlist, pq_m=args.pq_m,
                            hnsw_m=args.hnsw_m, ef_construction=args.ef_construction, refine=args.refine,
                            seed=args.seed)
-    checkpoint = load_checkpoint(args.checkpoint, device=_device(args.device))
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     version = build_index(checkpoint, args.captions, args.out, options)
     manifest = json.loads((version / "manifest.json").read_text())
     tuning = manifest["index"]["tuning"]
@@ -126,11 +117,12 @@ def cmd_query(args: argparse.Namespace) -> int:
     from index.encode import encode_queries
     from index.search import load_index
     from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
     from transresnet.images import ImagePreprocessor, open_rgb
 
     if not args.image.is_file():
         raise FileNotFoundError(f"image {args.image} not found")
-    checkpoint = load_checkpoint(args.checkpoint, device=_device("auto"))
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device("auto"))
     caption_index = load_index(args.index, checkpoint=checkpoint)
     slot = checkpoint.traits.lookup(args.personality)
     pixels = ImagePreprocessor(checkpoint.config.model.image)(open_rgb(args.image))

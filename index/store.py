@@ -19,7 +19,6 @@ the previous version current. Pruning deletes the oldest versions beyond ``keep`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.captions import CaptionTable
+from transresnet.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +99,6 @@ def resolve_version_dir(path: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- files
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    # Same digest as transresnet.checkpoint.sha256_file, without importing torch into index readers.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_entry(path: Path) -> dict[str, Any]:

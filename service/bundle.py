@@ -47,19 +47,12 @@ class Bundle:
         return self.preprocessor.cfg.effective_resize
 
 
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no GPU; use device 'auto' or 'cpu'")
-    return name
-
-
 def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto", mmap: bool = False,
                 checkpoint: Checkpoint | None = None) -> Bundle:
     """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking."""
     from index import load_index
     from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
     from transresnet.images import ImagePreprocessor
 
     start = time.perf_counter()

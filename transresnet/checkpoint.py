@@ -30,6 +30,7 @@ import yaml
 from safetensors.torch import load_model, save_model
 
 from transresnet.config import ExperimentConfig
+from transresnet.files import sha256_file
 from transresnet.model import TransResNet, create_model
 from transresnet.traits import TraitVocab
 
@@ -58,14 +59,6 @@ class Checkpoint:
     @property
     def traits(self) -> TraitVocab:
         return self.model.traits
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def text_fingerprint(model: TransResNet) -> str:

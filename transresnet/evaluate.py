@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from transresnet.checkpoint import Checkpoint, load_checkpoint, sha256_file
+from transresnet.checkpoint import Checkpoint, load_checkpoint
 from transresnet.data import CaptionRecord, load_dataset
+from transresnet.devices import resolve_device
+from transresnet.files import sha256_file
 from transresnet.metrics import summarize_ranks
 from transresnet.retrieval import RankingTask, candidates_task, pool_task, rank_task
 
@@ -97,14 +99,6 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------------- inputs
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU; use --device cpu or auto")
-    return torch.device(name)
 
 
 def load_records(options: EvalOptions) -> list[CaptionRecord]:
@@ -408,7 +402,7 @@ def run_eval(options: EvalOptions) -> dict[str, Any]:
 
     options.validate()
     total_start = time.perf_counter()
-    checkpoint = load_checkpoint(options.checkpoint, device=_resolve_device(options.device))
+    checkpoint = load_checkpoint(options.checkpoint, device=resolve_device(options.device))
     records = load_records(options)
     task = build_task(records, options.protocol)
     images = list(dict.fromkeys(task.query_images))

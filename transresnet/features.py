@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from transresnet.config import ImageEncoderConfig
+from transresnet.files import sha256_file
 from transresnet.images import ImagePreprocessor, open_rgb
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ CACHE_FORMAT = 1
 
 def weights_identity(cfg: ImageEncoderConfig) -> str:
     if cfg.weights:
-        from transresnet.checkpoint import sha256_file
-
         return "file:" + sha256_file(Path(cfg.weights))
     return "timm-pretrained" if cfg.pretrained else "random-init"
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transresnet.checkpoint import WEIGHTS, save_checkpoint
 from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
+from transresnet.devices import resolve_device
 from transresnet.features import cached_features, weights_identity
 from transresnet.images import ImagePreprocessor, open_rgb
 from transresnet.loss import InBatchSoftmaxLoss
@@ -36,14 +37,6 @@ logger = logging.getLogger(__name__)
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no GPU is visible; use 'auto' or 'cpu'")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
