@@ -203,24 +203,27 @@ def _pm(agg: dict[str, Any], key: str) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    header = ["row", "what", "eval", "R@1", "R@5", "R@10", "median rank", "caption->image R@1",
+    header = ["row", "what", "eval", "R@1", "R@5", "R@10", "median rank (mean)", "caption->image R@1",
               "best epoch / epochs run", "train time per seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in results:
         main = r["aggregate"]["image->caption"]
         c2i = r["aggregate"].get("caption->image")
-        first = next(iter(r["seeds"].values()))["eval"]
+        first_run = next(iter(r["seeds"].values()))
+        first = first_run["eval"]
         if r["group"] == "flickr8k":
             protocol = f"{first['split']}: {main['queries']} images x {first['captions']} captions"
         else:
             candidates = first["results"][0]["search"].removeprefix("exact, ")
-            protocol = f"test: {candidates}, traits {r['traits']}"
+            config = first_run.get("config") or {}
+            has_traits = config.get("model", {}).get("personality", {}).get("enabled", True)
+            protocol = f"test: {candidates}, " + (f"traits {r['traits']}" if has_traits else "model takes no trait")
         train = r.get("train")
         epochs = f"{train['best_epoch']:.1f} / {train['epochs_run']:.1f}" if train else f"(model of `{r['reuse_of']}`)"
         time_text = _minutes(train.get("wall_seconds") or train["train_seconds"]) if train else "-"
         lines.append("| " + " | ".join([
             f"`{r['name']}`", r["what"], protocol, _pm(main, "R@1"), _pm(main, "R@5"), _pm(main, "R@10"),
-            f"{main['mean']['median_rank']:g}", _pm(c2i, "R@1") if c2i else "-", epochs, time_text,
+            f"{main['mean']['median_rank']:.1f}", _pm(c2i, "R@1") if c2i else "-", epochs, time_text,
         ]) + " |")
     return "\n".join(lines)
 
