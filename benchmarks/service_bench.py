@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from service.readiness import wait_until_ready
+
 logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,17 +72,10 @@ class Server:
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {timeout}s; see {self.log.name}")
+        try:
+            wait_until_ready(self.base_url, self.process, timeout=timeout)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; see {self.log.name}") from None
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,23 +14,11 @@ import httpx
 import pytest
 from test_service_fixtures import ADMIN_TOKEN, assert_same_ranking, free_port, image_bytes, reference_ranking
 
+from service.readiness import wait_until_ready
+
 pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_ready(base_url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server not ready in time")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,11 @@ def server_process(tiny_checkpoint, service_index_root, tmp_path_factory) -> Ite
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base_url, process)
+        try:
+            wait_until_ready(base_url, process)
+        except RuntimeError as err:
+            output = process.stdout.read()[-3000:] if process.poll() is not None else ""
+            raise RuntimeError(f"{err}\n{output}") from None
         yield base_url
     finally:
         process.send_signal(signal.SIGTERM)
