@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_service_fixtures import image_bytes
+from test_service_fixtures import free_port, image_bytes
 
 from service.batching import MicroBatcher
 from service.errors import ImageTooLarge, InvalidImage
 from service.imaging import decode_base64, decode_image
+from service.readiness import wait_until_ready
 
 pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
 
@@ -199,3 +200,15 @@ def test_app_creation_loads_nothing(tmp_path):
 
     app = create_app(ServiceSettings(_env_file=None, checkpoint=tmp_path / "nope", index_root=tmp_path / "nope"))
     assert app.state.resources is None  # the lifespan loads; building the app never does
+
+
+def test_readiness_wait_reports_a_server_that_exited():
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    process.wait(30)
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        wait_until_ready(f"http://127.0.0.1:{free_port()}", process, timeout=10)
+
+
+def test_readiness_wait_times_out_when_nothing_listens():
+    with pytest.raises(RuntimeError, match="not ready after"):
+        wait_until_ready(f"http://127.0.0.1:{free_port()}", timeout=0.5, poll_seconds=0.1)
