@@ -5,9 +5,9 @@ same batch size and threads, in one process, alternating which goes first each r
 
 * ``sentence-transformers``: ``SentenceTransformer(<bundled MiniLM>).encode`` (float32, its own
   length sorting);
-* ``index.encode float32``: ``index.encode.encode_captions(..., precision="float32")`` on a checkpoint
+* ``transresnet.encode float32``: ``transresnet.encode.encode_captions(..., precision="float32")`` on a checkpoint
   whose text encoder is that MiniLM;
-* ``index.encode auto``: the default, which uses bfloat16 on CPUs with native support (or float16 on a
+* ``transresnet.encode auto``: the default, which uses bfloat16 on CPUs with native support (or float16 on a
   GPU) after checking it stays within cosine 0.999 of float32 - checked again here on every caption.
 
     .venv/bin/python benchmarks/encode_bench.py [--limit 5000] [--batch-size 64] [--rounds 2]
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_all_captions(path: Path, limit: int | None) -> list[str]:
     """All rows, duplicates included (what each encoder is asked to embed)."""
-    from index.captions import _read_csv, _read_jsonl, _read_text, detect_format
+    from transresnet.index.captions import _read_csv, _read_jsonl, _read_text, detect_format
 
     reader = {"text": _read_text, "csv": _read_csv, "jsonl": _read_jsonl}[detect_format(path)]
     captions = [str(row["caption"]).strip() for row in reader(path)]
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from index.encode import choose_precision, encode_captions
     from transresnet.checkpoint import load_checkpoint
+    from transresnet.encode import choose_precision, encode_captions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = {
         "sentence-transformers": lambda: st.encode(captions, batch_size=args.batch_size, convert_to_numpy=True,
                                                    show_progress_bar=False),
-        "index.encode float32": lambda: encode_captions(model, captions, batch_size=args.batch_size,
+        "transresnet.encode float32": lambda: encode_captions(model, captions, batch_size=args.batch_size,
                                                         precision="float32", progress=False),
-        f"index.encode auto ({auto})": lambda: encode_captions(model, captions, batch_size=args.batch_size,
+        f"transresnet.encode auto ({auto})": lambda: encode_captions(model, captions, batch_size=args.batch_size,
                                                               precision=auto, progress=False),
     }
     # Warm-up: first-call allocations and kernel selection.
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name].append(elapsed)
             logger.info("round %d %s: %.1fs (%.0f captions/s)", round_no + 1, name, elapsed, len(captions) / elapsed)
 
-    fp32, reduced = outputs["index.encode float32"], outputs[names[2]]
+    fp32, reduced = outputs["transresnet.encode float32"], outputs[names[2]]
     reduced_cos = cosine_rows(reduced, fp32)
     best = {name: len(captions) / min(s) for name, s in seconds.items()}
     base = best["sentence-transformers"]

@@ -136,7 +136,9 @@ def run_row(spec: RowSpec, args: argparse.Namespace, synth: Path | None) -> dict
 
 
 def run_seed(spec: RowSpec, args: argparse.Namespace, synth: Path | None, seed: int) -> dict[str, Any]:
-    from transresnet.evaluate import EvalOptions, run_eval
+    from transresnet.index.evaluate import run_eval
+
+    from transresnet.options import EvalOptions
     from transresnet.train import train
 
     out = args.out / spec.name / f"seed{seed}"

@@ -112,7 +112,7 @@ def recall_1(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bench_size(n: int, args: argparse.Namespace, types: list[str]) -> list[dict[str, Any]]:
-    from index import faiss_index as fx
+    from transresnet.index import faiss_index as fx
 
     started = time.perf_counter()
     vectors = mixture(n, args.dim, seed=args.seed)
@@ -157,7 +157,7 @@ def bench_size(n: int, args: argparse.Namespace, types: list[str]) -> list[dict[
 def build_tuned(kind: str, vectors: np.ndarray, tune: np.ndarray, tune_truth: np.ndarray,
                 args: argparse.Namespace) -> tuple[Any, float, dict[str, Any], str]:
     """Build with the product's defaults and tune to the recall target on the tuning queries."""
-    from index import faiss_index as fx
+    from transresnet.index import faiss_index as fx
 
     requested = fx.IndexSpec(type=kind.removesuffix("_refine"), nlist=args.nlist, refine=kind.endswith("_refine"))
     spec = fx.resolve_spec(requested, len(vectors), vectors.shape[1])
@@ -176,7 +176,7 @@ def faiss_search(index: Any, queries: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def product_search(index: Any, view: np.ndarray | None, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from index import faiss_index as fx
+    from transresnet.index import faiss_index as fx
 
     return fx.search(index, queries, K, flat_view=view)
 

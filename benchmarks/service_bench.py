@@ -27,8 +27,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-
-from service.readiness import wait_until_ready
+from transresnet.service.readiness import wait_until_ready
 
 logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,12 @@
-"""Caption vectors and the versioned FAISS caption index.
+"""``transresnet.index``: the versioned FAISS caption index (build, store, load, search).
 
-Public API (imported lazily so ``import index`` stays light)::
+Public API (imported lazily so ``import transresnet.index`` stays light)::
 
-    from index import encode_captions, encode_queries           # the one encoding path
-    from index import build_index, BuildOptions                 # captions -> published index version
-    from index import load_index, CaptionIndex, Hit, IndexLoadError
-    from index import read_captions, CaptionTable
+    from transresnet.index import build_index, BuildOptions, Published   # captions -> published version
+    from transresnet.index import load_index, CaptionIndex, Hit, IndexLoadError
+    from transresnet.index import read_captions, CaptionTable
+
+Caption and query vectors come from the core's one encoding path, :mod:`transresnet.encode`.
 """
 
 from __future__ import annotations
@@ -14,19 +15,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "encode_captions": "index.encode",
-    "encode_queries": "index.encode",
-    "choose_precision": "index.encode",
-    "build_index": "index.build",
-    "write_version": "index.build",
-    "BuildOptions": "index.build",
-    "load_index": "index.search",
-    "CaptionIndex": "index.search",
-    "Hit": "index.search",
-    "IndexLoadError": "index.store",
-    "read_captions": "index.captions",
-    "CaptionTable": "index.captions",
-    "IndexSpec": "index.faiss_index",
+    "build_index": "build",
+    "write_version": "build",
+    "BuildOptions": "options",
+    "Published": "build",
+    "load_index": "search",
+    "CaptionIndex": "search",
+    "Hit": "search",
+    "IndexLoadError": "store",
+    "read_captions": "captions",
+    "CaptionTable": "captions",
+    "IndexSpec": "faiss_index",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,5 +34,5 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'index' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
-from index import faiss_index as fx
-from index import store
-from index.captions import CaptionTable, read_captions
+from transresnet.runtime import utc_timestamp
+
+from . import faiss_index as fx
+from . import store
+from .captions import CaptionTable, read_captions
+from .options import BuildOptions
 
 if TYPE_CHECKING:
     from transresnet.checkpoint import Checkpoint
@@ -27,36 +30,18 @@ logger = logging.getLogger(__name__)
 TOOL = "transresnet-index"
 
 
-@dataclass
-class BuildOptions:
-    """Everything besides checkpoint, captions and output that shapes a build (see the CLI flags)."""
+@dataclass(frozen=True)
+class Published:
+    """A published index version: its directory and the manifest written there."""
 
-    index_type: str = "flat"  # flat | ivf | hnsw | ivfpq | auto
-    keep: int = 3  # versions kept after publishing (the current one always among them)
-    batch_size: int = 128  # captions per encoder batch
-    precision: str = "auto"  # encoder precision: auto | float32 | bfloat16 | float16
-    recall_target: float = 0.95  # approximate types: recall@recall_k to reach against exact search
-    recall_k: int = 10
-    queries: str | None = None  # .npy of real query vectors (B, D) to tune with; else held-out captions
-    tune_queries: int = 1000  # held-out caption vectors used for tuning when no queries are given
-    memory_budget: str | None = None  # for auto, e.g. "4G" (default: half the RAM, at most 16 GiB)
-    nlist: int | None = None
-    pq_m: int | None = None
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    refine: bool = False
-    seed: int = 0
+    path: Path
+    manifest: dict[str, Any]
 
-    def cli_flags(self) -> dict[str, Any]:
-        """The flags that reproduce this build (recorded in the manifest for rebuild messages)."""
-        defaults = BuildOptions()
-        flags = {"type": self.index_type}
-        for name, value in asdict(self).items():
-            if name not in ("index_type", "keep") and value != getattr(defaults, name) and value is not False:
-                flags[name] = value
-        if self.refine:
-            flags["refine"] = ""
-        return flags
+    def summary(self) -> str:
+        tuning = self.manifest["index"]["tuning"]
+        recall = "exact" if tuning["target"] is None else f"recall@{tuning['k']} {tuning['recall']:.3f}"
+        return (f"published {self.path} ({self.manifest['count']} captions, {self.manifest['index']['factory']}, "
+                f"{recall}, {self.manifest['build']['seconds']['total_s']:.1f}s)")
 
 
 def tool_version() -> str:
@@ -138,7 +123,7 @@ def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTa
     return {
         "format_version": store.FORMAT_VERSION,
         "version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_timestamp(),
         "tool": TOOL,
         "tool_version": tool_version(),
         "faiss_version": faiss.__version__,
@@ -161,13 +146,13 @@ def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTa
         "source": table.report(),
         "columns": ["row", "id", "caption", *table.metadata],
         "has_personality": table.personalities is not None,
-        "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "options": options.cli_flags(),
+        "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "options": options.model_dump(mode="json"),
                   "gpus": fx.gpu_count()},
     }
 
 
 def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, checkpoint_info: dict[str, Any],
-                  options: BuildOptions, encoding: dict[str, Any] | None = None) -> Path:
+                  options: BuildOptions, encoding: dict[str, Any] | None = None) -> Published:
     """Build, tune and publish an index of ``vectors`` (row i = ``table`` row i) under ``root``."""
     started = time.perf_counter()
     n, dim = vectors.shape
@@ -195,7 +180,7 @@ def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, check
         shutil.rmtree(staging, ignore_errors=True)  # the previous version stays current
         raise
     store.prune(root, options.keep)
-    return final
+    return Published(final, manifest)
 
 
 def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -206,18 +191,14 @@ def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def build_index(checkpoint: Checkpoint, captions: str | Path | CaptionTable, out_root: str | Path,
-                options: BuildOptions | None = None, *, progress: bool | None = None) -> Path:
+                options: BuildOptions | None = None, *, progress: bool | None = None) -> Published:
     """Encode ``captions`` with the checkpoint's text encoder and publish a new index version.
 
-    Returns the published version directory (INDEX_ROOT/versions/<version>).
+    Returns the published version (INDEX_ROOT/versions/<version>) and its manifest.
     """
-    from index.encode import choose_precision, encode_captions
+    from transresnet.encode import choose_precision, encode_captions
 
     options = options or BuildOptions()
-    if options.keep < 1:
-        raise ValueError(f"--keep must be at least 1, got {options.keep}")
-    if not 0.0 < options.recall_target <= 1.0:
-        raise ValueError(f"--recall-target must be in (0, 1], got {options.recall_target}")
     table = captions if isinstance(captions, CaptionTable) else read_captions(captions)
     model = checkpoint.model
     precision = choose_precision(model, table.captions, options.precision)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transresnet.keys import text_key
+
 logger = logging.getLogger(__name__)
 
 CAPTION = "caption"
@@ -53,11 +55,6 @@ class CaptionTable:
     def report(self) -> dict[str, Any]:
         return {"path": self.source, "format": self.format, "rows": self.rows_read, "kept": len(self),
                 "dropped_empty": self.dropped_empty, "dropped_duplicate": self.dropped_duplicate}
-
-
-def dedup_key(text: str) -> str:
-    """Captions equal up to case and whitespace are one candidate."""
-    return " ".join(text.split()).casefold()
 
 
 def _scalar(value: Any) -> str | None:
@@ -125,7 +122,7 @@ def collect(rows: Iterable[dict[str, Any]], *, source: str = "", fmt: str = "") 
         if not text:
             table.dropped_empty += 1
             continue
-        key = dedup_key(text)
+        key = text_key(text)
         if key in seen:
             table.dropped_duplicate += 1
             continue

@@ -20,10 +20,14 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import ValidationError
 
-from index import faiss_index as fx
-from index.captions import PERSONALITY
-from index.store import (
+from transresnet.keys import text_key
+
+from . import faiss_index as fx
+from .captions import PERSONALITY
+from .options import BuildOptions
+from .store import (
     CAPTION,
     CAPTIONS_FILE,
     ID,
@@ -53,17 +57,16 @@ class Hit:
     row: int = -1  # position in the index (the FAISS id)
 
 
-def normalise_tag(trait: str) -> str:
-    return " ".join(trait.split()).casefold()
-
-
 def rebuild_command(manifest: dict[str, Any], root: Path, checkpoint_path: str | Path | None = None) -> str:
     """The exact `transresnet index build` command that rebuilds this index (for ``checkpoint_path``)."""
-    build = manifest.get("build", {})
+
     checkpoint = checkpoint_path or manifest.get("checkpoint", {}).get("path", "CHECKPOINT_DIR")
     parts = ["transresnet index build", f"--checkpoint {checkpoint}",
              f"--captions {manifest.get('source', {}).get('path', 'CAPTIONS_FILE')}", f"--out {root}"]
-    parts += [f"--{k.replace('_', '-')} {v}" for k, v in build.get("options", {}).items() if v is not None]
+    try:
+        parts += BuildOptions.model_validate(manifest.get("build", {}).get("options", {})).flags()
+    except ValidationError:
+        pass  # a manifest from an older build: the command without its tuning flags still rebuilds it
     return " ".join(parts)
 
 
@@ -126,7 +129,7 @@ class CaptionIndex:
         tags: dict[str, Any] = {}
         uniques, inverse = np.unique(values, return_inverse=True)
         for position, name in enumerate(uniques):
-            key = normalise_tag(str(name))
+            key = text_key(str(name))
             if not key:
                 continue
             rows = np.flatnonzero(inverse == position).astype(np.int64)
@@ -145,7 +148,7 @@ class CaptionIndex:
             raise ValueError(f"this index has no personality tags (its caption source {source} has no "
                              "'personality' column); search without a personality filter or rebuild "
                              "from captions that carry one")
-        entry = self._tag_index().get(normalise_tag(personality))
+        entry = self._tag_index().get(text_key(personality))
         if entry is None:
             known = sorted(name for name, _ in self._tag_index().values())
             shown = ", ".join(known[:20]) + (f" ... ({len(known)} in all)" if len(known) > 20 else "")

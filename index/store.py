@@ -32,8 +32,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.captions import CaptionTable
 from transresnet.files import sha256_file
+
+from .captions import CaptionTable
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from index import CaptionIndex
+    from transresnet.index import CaptionIndex
+
     from transresnet.checkpoint import Checkpoint
     from transresnet.images import ImagePreprocessor
     from transresnet.traits import TraitVocab
@@ -50,7 +51,8 @@ class Bundle:
 def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto", mmap: bool = False,
                 checkpoint: Checkpoint | None = None) -> Bundle:
     """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking."""
-    from index import load_index
+    from transresnet.index import load_index
+
     from transresnet.checkpoint import load_checkpoint
     from transresnet.devices import resolve_device
     from transresnet.images import ImagePreprocessor

@@ -21,18 +21,6 @@ DEMO_IMAGES = 2000
 MARKER = "demo.json"
 
 
-def repo_configs() -> Path:
-    """The repository's configs/ (beside the package in a checkout), else ./configs (an installed package)."""
-    import service
-
-    for folder in (Path(service.__file__).resolve().parents[1] / "configs", Path.cwd() / "configs"):
-        if (folder / "synthetic.yaml").is_file():
-            return folder
-    raise FileNotFoundError("configs/synthetic.yaml not found beside the service package or in the working "
-                            "directory; run `transresnet serve` from the repository root, or pass --checkpoint "
-                            "and --index")
-
-
 @contextmanager
 def _exclusive(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,9 +52,11 @@ def _train_overrides(data: Path, folder: Path) -> list[str]:
 
 def build_demo(folder: Path, *, num_images: int = DEMO_IMAGES, overrides: list[str] | None = None) -> tuple[Path, Path]:
     """Generate data, train, index; returns (checkpoint dir, index root). Blocking, minutes."""
-    from index import build_index
+    from transresnet.index import build_index
+
     from transresnet.checkpoint import load_checkpoint
-    from transresnet.config import load_config
+    from transresnet.config import load_config, shipped_config
+    from transresnet.runtime import utc_timestamp
     from transresnet.synth import generate_synthetic_dataset
     from transresnet.train import train
 
@@ -74,14 +64,14 @@ def build_demo(folder: Path, *, num_images: int = DEMO_IMAGES, overrides: list[s
     data = folder / "data"
     logger.info("demo 1/3: drawing %d synthetic images into %s", num_images, data)
     captions = generate_synthetic_dataset(data, num_images, seed=0)
-    config = load_config(repo_configs() / "synthetic.yaml", _train_overrides(data, folder) + list(overrides or []))
+    config = load_config(shipped_config("synthetic.yaml"), _train_overrides(data, folder) + list(overrides or []))
     logger.info("demo 2/3: training %s (a few minutes on a laptop CPU)", config.name)
     result = train(config, folder / "run")
     logger.info("demo 3/3: indexing the captions of %s", captions)
     index_root = folder / "index"
     build_index(load_checkpoint(result.best_checkpoint), captions, index_root)
     record = {"checkpoint": str(result.best_checkpoint), "index_root": str(index_root),
-              "metrics": result.metrics, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "metrics": result.metrics, "built": utc_timestamp(),
               "seconds": round(time.perf_counter() - start, 1)}
     (folder / MARKER).write_text(json.dumps(record, indent=1, default=str))
     logger.info("demo built in %.0fs, cached in %s", record["seconds"], folder)

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import AdminDisabled, NotReady, Unauthorized
-from service.resources import Resources
-from service.settings import ServiceSettings
+from .errors import AdminDisabled, NotReady, Unauthorized
+from .resources import Resources
+from .settings import ServiceSettings
 
 _bearer = HTTPBearer(auto_error=False, description="The admin token (TRANSRESNET_ADMIN_TOKEN)")
 

@@ -1,16 +1,21 @@
-"""Safe decoding of untrusted uploads: size and pixel limits are checked before pixels are decoded."""
+"""Untrusted uploads: byte, pixel and format limits around the core image path (``transresnet.images``).
+
+The limits are checked on the lazily opened header, before any pixel is decoded; the decode itself is
+the one every other path uses, so the service sees exactly the pixels training and evaluation saw.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import functools
-import io
 import warnings
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from service.errors import ImageTooLarge, InvalidImage
+from transresnet.images import open_image, to_rgb
+
+from .errors import ImageTooLarge, InvalidImage
 
 # Formats PIL may try on uploads; plugins that call external programs (EPS -> ghostscript) stay off.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO", "AVIF", "HEIF")
@@ -51,19 +56,13 @@ def decode_base64(text: str, max_bytes: int) -> bytes:
     return data
 
 
-def _draft_target(img: Image.Image, min_side: int) -> None:
-    """Let libjpeg decode big JPEGs at 1/2..1/8 scale; we keep at least twice the short side we need."""
-    if img.format == "JPEG" and min_side > 0:
-        img.draft("RGB", (2 * min_side, 2 * min_side))
-
-
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int = 0) -> Image.Image:
     """Untrusted bytes -> RGB image, or ``InvalidImage`` / ``ImageTooLarge`` saying what to fix."""
     _check_length(data, max_bytes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_formats())
+            img = open_image(data, formats=_formats())
         with img:
             # Image.open reads only the header: refuse bombs before any pixel is decoded.
             width, height = img.size
@@ -72,10 +71,7 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int 
                                     f"{max_pixels:,} pixels: downscale it before sending")
             if width < 1 or height < 1:
                 raise InvalidImage(f"the image has no pixels ({width}x{height})")
-            _draft_target(img, min_side)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img  # phone photos carry their rotation in EXIF
-            return img.convert("RGB")
+            return to_rgb(img, min_side=min_side)
     except (ImageTooLarge, InvalidImage):
         raise
     except UnidentifiedImageError:

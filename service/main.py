@@ -13,11 +13,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError, validation_error
-from service.metrics import ServiceMetrics
-from service.resources import Resources
-from service.routers import admin, captions, health, metrics, personalities, web
-from service.settings import ServiceSettings
+from .errors import ServiceError, validation_error
+from .metrics import ServiceMetrics
+from .resources import Resources
+from .routers import admin, captions, health, metrics, personalities, web
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 

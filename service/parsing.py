@@ -11,10 +11,10 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from service.errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, validation_error
-from service.imaging import decode_base64
-from service.schemas import CaptionsJSONRequest, CaptionsQuery
-from service.settings import ServiceSettings
+from .errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, validation_error
+from .imaging import decode_base64
+from .schemas import CaptionsJSONRequest, CaptionsQuery
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from index.encode import encode_queries
-from service.batching import MicroBatcher
-from service.bundle import Bundle
-from service.imaging import decode_image
-from service.metrics import ServiceMetrics
-from service.settings import ServiceSettings
+from transresnet.encode import encode_queries
+
+from .batching import MicroBatcher
+from .bundle import Bundle
+from .imaging import decode_image
+from .metrics import ServiceMetrics
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.bundle import Bundle, load_bundle
-from service.errors import NotReady, ReloadFailed
-from service.metrics import ServiceMetrics
-from service.ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs
-from service.settings import ServiceSettings
+from .bundle import Bundle, load_bundle
+from .errors import NotReady, ReloadFailed
+from .metrics import ServiceMetrics
+from .ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs
+from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 

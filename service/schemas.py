@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.settings import MAX_K
+from .settings import MAX_K
 
 
 def _as_list(value: Any) -> Any:

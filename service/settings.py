@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from transresnet.options import Device
+
 MAX_K = 100
 """Upper bound of ``k`` (captions per personality); part of the API, so not a setting."""
 
@@ -23,7 +25,7 @@ class ServiceSettings(BaseSettings):
     """Where the embedded demo's data, checkpoint and index are built once and cached."""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """Where the model runs; auto = the GPU when torch sees one."""
     index_mmap: bool = False
     """Memory-map the index vectors instead of reading them into memory."""

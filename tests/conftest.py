@@ -1,37 +1,30 @@
-"""Shared fixtures: tiny random models built from local files only (no hub, no network)."""
+"""Fixtures shared by every test: tiny random models, a caption index and the app, from local files only.
+
+Plain helpers (image writers, config trees, servers) live in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub: a stray hub name fails at once
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+from transresnet.runtime import apply_runtime_defaults  # noqa: E402
 
+apply_runtime_defaults()
+torch.set_num_threads(2)
+
+from tests.helpers import ADMIN_TOKEN, TINY_TRAITS, build_test_index, tiny_tree  # noqa: E402
 from transresnet.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from transresnet.config import ExperimentConfig, build_config  # noqa: E402
 from transresnet.model import create_model  # noqa: E402
 from transresnet.traits import TraitVocab  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CONFIGS_DIR = REPO / "configs"
-TINY_TRAITS = ["Sarcastic", "Sweet", "Angry", "Cheerful"]
-
-
-def shared_path(*parts: str) -> Path:
-    """A file under ../shared, or a pytest skip when this machine does not have it."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent (real data and weights live in ../shared on development machines)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -51,22 +44,6 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def tiny_tree(text_model: Path, **sections: dict) -> dict:
-    """A config tree for a tiny model: timm's test_resnet at 32 px, hidden 16, the tiny BERT."""
-    tree = {
-        "name": "tiny",
-        "model": {
-            "image": {"backbone": "test_resnet", "image_size": 32, "resize_size": 32, "freeze_backbone": True},
-            "text": {"model": str(text_model), "max_length": 16},
-            "hidden_dim": 16,
-        },
-        "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "seed": 0},
-    }
-    for key, value in sections.items():
-        tree.setdefault(key, {}).update(value)
-    return tree
-
-
 @pytest.fixture(scope="session")
 def tiny_config(tiny_text_model: Path) -> ExperimentConfig:
     return build_config(tiny_tree(tiny_text_model))
@@ -79,3 +56,36 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_config: Exper
     model = create_model(tiny_config.model, TraitVocab(TINY_TRAITS))
     path = save_checkpoint(model, tiny_config, tmp_path_factory.mktemp("ckpt") / "best")
     return load_checkpoint(path)
+
+
+@pytest.fixture(scope="session")
+def service_index_root(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("service_index")
+    build_test_index(tiny_checkpoint, root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def service_settings(tiny_checkpoint: Checkpoint, service_index_root: Path):
+    from transresnet.service.settings import ServiceSettings
+
+    return ServiceSettings(_env_file=None, checkpoint=tiny_checkpoint.path, index_root=service_index_root,
+                           admin_token=ADMIN_TOKEN, max_upload_bytes=256 * 1024, max_pixels=2_000_000,
+                           max_wait_ms=2.0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def service_client(service_settings) -> Iterator:
+    from fastapi.testclient import TestClient
+    from transresnet.service.main import create_app
+
+    with TestClient(create_app(service_settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic personality-caption dataset (300 images at 32 px), drawn once per test run."""
+    from transresnet.synth import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), 300, seed=1, image_size=32)

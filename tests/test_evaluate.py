@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from transresnet.index.evaluate import run_eval
 
+from tests.helpers import write_image
 from transresnet import cli
 from transresnet.checkpoint import Checkpoint
 from transresnet.evaluate import (
@@ -18,12 +19,11 @@ from transresnet.evaluate import (
     EvalOptions,
     format_text_table,
     ranks_from_search,
-    run_eval,
     summarize,
     trait_slots,
     transpose_gold,
 )
-from transresnet.images import ImagePreprocessor, open_rgb
+from transresnet.images import ImagePreprocessor
 from transresnet.metrics import gold_ranks
 
 
@@ -98,10 +98,8 @@ def test_transposed_gold_lists_the_queries_of_each_caption() -> None:
 
 
 def _write_images(folder: Path, names: list[str], seed: int = 0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    for i, name in enumerate(names):
+        write_image(folder / name, seed=seed * 1000 + i)
 
 
 CAPTION_WORDS = ["a dog runs", "two cats sleep", "the red car", "children play", "a man surfs", "birds fly",
@@ -153,7 +151,7 @@ def _model_vectors(checkpoint: Checkpoint, image_paths: list[Path], traits: list
     model = checkpoint.model
     pre = ImagePreprocessor(checkpoint.config.model.image)
     with torch.inference_mode():
-        pixels = torch.stack([pre(open_rgb(p)) for p in image_paths])
+        pixels = torch.stack([pre.load(p) for p in image_paths])
         queries = model.encode_query(images=pixels, trait_ids=torch.tensor(model.traits.lookup_many(traits)))
         captions = model.encode_text(texts)
     return queries.numpy(), captions.numpy()
@@ -280,7 +278,7 @@ def test_exact_and_index_rows_agree_where_the_index_is_exact(index_type: str, po
 
 
 def test_pool_protocol_with_a_prebuilt_index(pool_csv: Path, tiny_checkpoint: Checkpoint, tmp_path: Path) -> None:
-    from index.build import BuildOptions, build_index
+    from transresnet.index.build import BuildOptions, build_index
 
     root = tmp_path / "index"
     build_index(tiny_checkpoint, pool_csv, root, BuildOptions(index_type="flat", precision="float32"))
@@ -295,7 +293,7 @@ def test_pool_protocol_with_a_prebuilt_index(pool_csv: Path, tiny_checkpoint: Ch
 
 def test_an_index_missing_split_captions_is_refused(pool_csv: Path, tiny_checkpoint: Checkpoint,
                                                     tmp_path: Path) -> None:
-    from index.build import BuildOptions, build_index
+    from transresnet.index.build import BuildOptions, build_index
 
     few = tmp_path / "few.txt"
     few.write_text("a dog runs 0.0\nsomething else\n")
@@ -328,8 +326,7 @@ def test_hard_negatives_are_the_top_scoring_non_gold_pool_captions(tiny_checkpoi
 
 
 def test_training_with_hard_negatives(pool_csv: Path, tiny_text_model: Path, tmp_path: Path) -> None:
-    from conftest import tiny_tree
-
+    from tests.helpers import tiny_tree
     from transresnet.config import build_config
     from transresnet.train import train
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from transresnet.index.captions import read_captions
 
-from index.captions import read_captions
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 
 
 def test_text_file_drops_empty_and_duplicates(tmp_path: Path) -> None:

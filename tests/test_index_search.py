@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from index import faiss_index as fx
-from index.build import BuildOptions, write_version
-from index.captions import CaptionTable
-from index.search import CaptionIndex, load_index
+from transresnet.index import faiss_index as fx
+from transresnet.index.build import BuildOptions, write_version
+from transresnet.index.captions import CaptionTable
+from transresnet.index.search import CaptionIndex, load_index
 
 TRAITS = ["Sweet", "Angry", "Sarcastic"]
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transresnet.index import store
+from transresnet.index.build import BuildOptions, write_version
+from transresnet.index.captions import CaptionTable
+from transresnet.index.search import load_index
+from transresnet.index.store import IndexLoadError
 
-from index import store
-from index.build import BuildOptions, write_version
-from index.captions import CaptionTable
-from index.search import load_index
-from index.store import IndexLoadError
 from transresnet.checkpoint import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ def tiny_version(root: Path, n: int = 40, dim: int = 16, seed: int = 0, keep: in
     table = CaptionTable(captions=[f"caption {seed} {i}" for i in range(n)], ids=[str(i) for i in range(n)],
                          source="/data/captions.csv", format="csv", rows_read=n)
     info = {"path": "/old/ckpt", "fingerprint": fingerprint, "embed_dim": dim, "scoring": "dot", "text_encoder": {}}
-    return write_version(root, vectors=vectors, table=table, checkpoint_info=info, options=BuildOptions(keep=keep))
+    return write_version(root, vectors=vectors, table=table, checkpoint_info=info,
+                         options=BuildOptions(keep=keep)).path
 
 
 @pytest.fixture
@@ -116,10 +117,9 @@ def test_crash_before_pointer_switch_keeps_previous_current(root: Path, monkeypa
 def test_killed_build_process_leaves_previous_version(root: Path) -> None:
     first = tiny_version(root, seed=1)
     script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / "tests")!r})
-        from index import store
-        from test_index_store import tiny_version
+        import os, signal
+        from transresnet.index import store
+        from tests.test_index_store import tiny_version
         real = store.file_entry
         def die(path):
             if path.name == "captions.parquet":
@@ -129,7 +129,7 @@ def test_killed_build_process_leaves_previous_version(root: Path) -> None:
         tiny_version(__import__("pathlib").Path({str(root)!r}), seed=2)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
     assert result.returncode == -9, result.stderr
     leftovers = [p for p in (root / "versions").iterdir() if p.name.startswith(store.STAGING_PREFIX)]
     assert len(leftovers) == 1 and (leftovers[0] / "index.faiss").exists()

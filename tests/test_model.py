@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS_DIR, TINY_TRAITS, shared_path
+from tests.helpers import CONFIGS_DIR, TINY_TRAITS, shared_path
 from transresnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from transresnet.config import load_config
 from transresnet.loss import InBatchSoftmaxLoss
@@ -105,7 +105,7 @@ def test_real_mobilenet_weights_recognise_a_dog() -> None:
     import timm
 
     from transresnet.config import ImageEncoderConfig
-    from transresnet.images import ImagePreprocessor, open_rgb
+    from transresnet.images import ImagePreprocessor
 
     weights = shared_path("weights", "mobilenetv2_100_imagenet.safetensors")
     image = shared_path("data", "flickr8k-1k", "images", "1009434119_febe49276a.jpg")
@@ -117,7 +117,7 @@ def test_real_mobilenet_weights_recognise_a_dog() -> None:
     model.load_state_dict(load_weights_file(weights), strict=True)
     model.eval()
     with torch.no_grad():
-        top5 = model(ImagePreprocessor(cfg)(open_rgb(image)).unsqueeze(0)).topk(5).indices[0].tolist()
+        top5 = model(ImagePreprocessor(cfg).load(image).unsqueeze(0)).topk(5).indices[0].tolist()
     assert any(151 <= c <= 268 for c in top5), f"no dog class in top-5 {top5}"  # ImageNet dog breeds
 
 

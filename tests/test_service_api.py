@@ -9,9 +9,8 @@ import zlib
 
 import pytest
 from PIL import Image
-from test_service_fixtures import ADMIN_TOKEN, assert_same_ranking, image_bytes, reference_ranking
 
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import ADMIN_TOKEN, assert_same_ranking, image_bytes, reference_ranking
 
 JPEG = image_bytes("JPEG")
 
@@ -309,8 +308,7 @@ def test_reload_with_bad_checkpoint_keeps_serving(client, tmp_path):
 
 def test_admin_disabled_without_configured_token(service_settings):
     from fastapi.testclient import TestClient
-
-    from service.main import create_app
+    from transresnet.service.main import create_app
 
     with TestClient(create_app(service_settings.model_copy(update={"admin_token": None}))) as other:
         assert_error(other.post("/v1/admin/reload"), 403, "admin_disabled", "TRANSRESNET_ADMIN_TOKEN")

@@ -10,9 +10,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from test_service_fixtures import ServerThread, free_port, image_bytes
 
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import ServerThread, free_port, image_bytes
 
 pytestmark = pytest.mark.browser
 
@@ -44,8 +43,8 @@ def browser(tmp_path_factory) -> Iterator:
 
 @pytest.fixture(scope="module")
 def page_server(tiny_checkpoint, service_index_root) -> Iterator[str]:
-    from service.main import create_app
-    from service.settings import ServiceSettings
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
 
     settings = ServiceSettings(_env_file=None, checkpoint=tiny_checkpoint.path, index_root=service_index_root,
                                device="cpu")

@@ -7,13 +7,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_service_fixtures import image_bytes
 
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import image_bytes
 
 
 def _serve_args(**flags) -> argparse.Namespace:
-    from service.commands import register
+    from transresnet.cli.serve import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -23,16 +22,16 @@ def _serve_args(**flags) -> argparse.Namespace:
 
 def test_serve_without_configuration_uses_demo(monkeypatch, tiny_checkpoint, service_index_root, tmp_path,
                                                caplog):
+    import transresnet.service.demo
     import uvicorn
 
-    import service.demo
-    from service.commands import _serve
+    from transresnet.cli.serve import _serve
 
     for name in ("TRANSRESNET_CHECKPOINT", "TRANSRESNET_INDEX_ROOT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no .env here
     asked: list[Path] = []
-    monkeypatch.setattr(service.demo, "ensure_demo",
+    monkeypatch.setattr(transresnet.service.demo, "ensure_demo",
                         lambda folder: asked.append(folder) or (tiny_checkpoint.path, service_index_root))
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
@@ -46,7 +45,7 @@ def test_serve_without_configuration_uses_demo(monkeypatch, tiny_checkpoint, ser
 
 
 def test_serve_refuses_half_configuration(monkeypatch, tmp_path):
-    from service.commands import _serve
+    from transresnet.cli.serve import _serve
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TRANSRESNET_INDEX_ROOT", raising=False)
@@ -59,7 +58,7 @@ def test_serve_refuses_half_configuration(monkeypatch, tmp_path):
 def test_cached_demo_is_reused(monkeypatch, tmp_path, tiny_checkpoint, service_index_root):
     import json
 
-    import service.demo as demo
+    import transresnet.service.demo as demo
 
     (tmp_path / demo.MARKER).write_text(json.dumps({"checkpoint": str(tiny_checkpoint.path),
                                                     "index_root": str(service_index_root)}))
@@ -70,11 +69,10 @@ def test_cached_demo_is_reused(monkeypatch, tmp_path, tiny_checkpoint, service_i
 @pytest.mark.slow
 def test_demo_builds_once_and_serves(tmp_path, monkeypatch):
     """The real pipeline (synthetic data -> train configs/synthetic.yaml -> index), kept small."""
+    import transresnet.service.demo as demo
     from fastapi.testclient import TestClient
-
-    import service.demo as demo
-    from service.main import create_app
-    from service.settings import ServiceSettings
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
 
     small = {"num_images": 150, "overrides": ["train.epochs=1", "train.batch_size=50"]}
     checkpoint, index_root = demo.ensure_demo(tmp_path / "demo", **small)

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_fixtures import ADMIN_TOKEN, assert_same_ranking, free_port, image_bytes, reference_ranking
+from transresnet.service.readiness import wait_until_ready
 
-from service.readiness import wait_until_ready
-
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import ADMIN_TOKEN, assert_same_ranking, free_port, image_bytes, reference_ranking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +24,7 @@ def server_process(tiny_checkpoint, service_index_root, tmp_path_factory) -> Ite
     port = free_port()
     env = {**os.environ, "TRANSRESNET_ADMIN_TOKEN": ADMIN_TOKEN, "TRANSRESNET_MAX_WAIT_MS": "2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "transresnet.cli", "serve", "--checkpoint", str(tiny_checkpoint.path),
+    command = [sys.executable, "-m", "transresnet", "serve", "--checkpoint", str(tiny_checkpoint.path),
                "--index", str(service_index_root), "--port", str(port), "--threads", "1", "--device", "cpu"]
     process = subprocess.Popen(command, cwd=tmp_path_factory.mktemp("serve_cwd"), env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_service_fixtures import (
+
+from tests.helpers import (
     ADMIN_TOKEN,
     ServerThread,
     assert_same_ranking,
@@ -23,8 +24,6 @@ from test_service_fixtures import (
     reference_ranking,
     service_captions,
 )
-
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
 
 TRAIT_SETS = (["Sweet"], ["Sarcastic", "none"], ["angry", "Cheerful", "sweet"], ["Cheerful"])
 
@@ -38,8 +37,8 @@ def load_index_root(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, load_index_root) -> Iterator[ServerThread]:
-    from service.main import create_app
-    from service.settings import ServiceSettings
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
 
     settings = ServiceSettings(_env_file=None, checkpoint=tiny_checkpoint.path, index_root=load_index_root,
                                admin_token=ADMIN_TOKEN, max_batch=16, max_wait_ms=20.0, device="cpu")

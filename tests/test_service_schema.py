@@ -11,16 +11,15 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
-from test_service_fixtures import ADMIN_TOKEN
 
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import ADMIN_TOKEN
 
 MAX_EXAMPLES = 15
 
 
 @pytest.fixture(scope="module")
 def api_schema(service_settings):
-    from service.main import create_app
+    from transresnet.service.main import create_app
 
     return schemathesis.openapi.from_asgi("/openapi.json", create_app(service_settings))
 

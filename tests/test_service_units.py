@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_service_fixtures import free_port, image_bytes
+from transresnet.service.batching import MicroBatcher
+from transresnet.service.errors import ImageTooLarge, InvalidImage
+from transresnet.service.imaging import decode_base64, decode_image
+from transresnet.service.readiness import wait_until_ready
 
-from service.batching import MicroBatcher
-from service.errors import ImageTooLarge, InvalidImage
-from service.imaging import decode_base64, decode_image
-from service.readiness import wait_until_ready
-
-pytest_plugins = ["test_service_fixtures"]  # the service fixtures (tiny model, index, app)
+from tests.helpers import free_port, image_bytes
 
 LIMITS = {"max_bytes": 1_000_000, "max_pixels": 1_000_000}
 
@@ -164,7 +162,7 @@ def test_stopped_batcher_refuses_work():
 # ------------------------------------------------------------------------------------------ settings, CLI
 
 def test_settings_from_environment_and_dotenv(monkeypatch, tmp_path):
-    from service.settings import ServiceSettings
+    from transresnet.service.settings import ServiceSettings
 
     (tmp_path / ".env").write_text("TRANSRESNET_PORT=9001\nTRANSRESNET_MAX_BATCH=4\n")
     monkeypatch.chdir(tmp_path)
@@ -179,7 +177,7 @@ def test_settings_from_environment_and_dotenv(monkeypatch, tmp_path):
 def test_serve_flags_override_settings():
     import argparse
 
-    from service.commands import _overrides, register
+    from transresnet.cli.serve import _overrides, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -187,16 +185,16 @@ def test_serve_flags_override_settings():
     assert _overrides(args) == {"port": 9000, "batching": False, "checkpoint": Path("ck")}
 
 
-def test_service_commands_import_is_light():
-    code = ("import sys, service.commands, service.settings; "
+def test_cli_import_is_light():
+    code = ("import sys, transresnet.cli, transresnet.service.settings; "
             "heavy = [m for m in ('torch', 'faiss', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_app_creation_loads_nothing(tmp_path):
-    from service.main import create_app
-    from service.settings import ServiceSettings
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
 
     app = create_app(ServiceSettings(_env_file=None, checkpoint=tmp_path / "nope", index_root=tmp_path / "nope"))
     assert app.state.resources is None  # the lifespan loads; building the app never does

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.conftest import shared_path
+from tests.helpers import shared_path
 from transresnet.traits import NO_PERSONALITY, TraitVocab, UnknownTraitError
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 from transresnet.config import ExperimentConfig
 from transresnet.files import sha256_file
 from transresnet.model import TransResNet, create_model
+from transresnet.runtime import utc_timestamp
 from transresnet.traits import TraitVocab
 
 logger = logging.getLogger(__name__)
@@ -61,15 +62,21 @@ class Checkpoint:
         return self.model.traits
 
 
+def state_dict_digest(module: torch.nn.Module, digest: Any = None) -> Any:
+    """A sha256 (or ``digest``, updated) over every tensor's name and float32 value, in name order."""
+    digest = digest or hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest
+
+
 def text_fingerprint(model: TransResNet) -> str:
     """Hash of the text-side weights, tokenizer identity, dimension and normalisation."""
     digest = hashlib.sha256()
     identity = {"encoder": model.text.identity(), "dim": model.embed_dim, "scoring": model.config.scoring}
     digest.update(json.dumps(identity, sort_keys=True).encode())
-    for name, tensor in sorted(model.text.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return state_dict_digest(model.text, digest).hexdigest()[:32]
 
 
 def _file_checksums(folder: Path) -> dict[str, str]:
@@ -97,7 +104,7 @@ def save_checkpoint(model: TransResNet, config: ExperimentConfig, out_dir: str |
             "format_version": FORMAT_VERSION,
             "fingerprint": text_fingerprint(model),
             "embed_dim": model.embed_dim,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": utc_timestamp(),
             "metrics": metrics or {},
             "files": _file_checksums(staging),
         }

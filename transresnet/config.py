@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from transresnet.options import Device
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,6 +110,9 @@ class DataConfig(_Strict):
     """Examples drawn per image and batch; >1 puts the same photo in several voices in one batch."""
     augment_crops: int = Field(0, ge=0)
     """Extra cached feature views per image (random crops and flips) for frozen backbones."""
+    synthesize: int | None = Field(None, ge=10)
+    """Draw this many synthetic images (``transresnet data synth``) into the folder of ``train`` when that
+    file does not exist yet, so the config trains as written on a fresh clone; None = never."""
 
 
 class TrainConfig(_Strict):
@@ -118,7 +123,7 @@ class TrainConfig(_Strict):
     """Learning rate of the transformer's own weights when they train."""
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     amp: bool = True
     """Mixed precision on the GPU (ignored on CPU)."""
     patience: int = Field(3, ge=1)
@@ -183,6 +188,16 @@ def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> Ex
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+
+
+def shipped_config(name: str) -> Path:
+    """A config that ships with the package (``configs/`` in a checkout, package data when installed)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("transresnet.configs").joinpath(name)))
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped config {name!r} in {path.parent}")
+    return path
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from transresnet.config import ImageEncoderConfig
 from transresnet.files import sha256_file
-from transresnet.images import ImagePreprocessor, open_rgb
+from transresnet.images import ImagePreprocessor
+from transresnet.runtime import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,13 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        image = open_rgb(self.paths[i])
         if self.view == 0:
-            return self.preprocessor(image)
+            return self.preprocessor.load(self.paths[i])
         # Seeded per (image, view) so a crop is the same whichever run computes it.
         seed = int(hashlib.sha256(f"{self.paths[i]}:{self.view}".encode()).hexdigest()[:8], 16)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.preprocessor(image, augment=True)
+            return self.preprocessor.load(self.paths[i], augment=True)
 
 
 @torch.inference_mode()
@@ -68,15 +68,13 @@ def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor,
                      view: int = 0, batch_size: int = 64, num_workers: int = 0,
                      device: torch.device | str = "cpu") -> np.ndarray:
     """Pooled backbone features of each image, float32 (N, F), with a progress bar in images/s."""
-    was_training = backbone.training
-    backbone.eval()
     loader = DataLoader(_ImageFiles(paths, preprocessor, view), batch_size=batch_size, num_workers=num_workers)
     chunks = []
-    with tqdm(total=len(paths), desc="image features", unit="img", leave=False, disable=None) as bar:
+    with eval_mode(backbone), tqdm(total=len(paths), desc="image features", unit="img", leave=False,
+                                   disable=None) as bar:
         for pixels in loader:
             chunks.append(backbone(pixels.to(device)).float().cpu().numpy())
             bar.update(len(pixels))
-    backbone.train(was_training)
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 

@@ -97,22 +97,32 @@ def task_for(records: Sequence[CaptionRecord], protocol: str = "auto") -> Rankin
     raise ValueError(f"unknown protocol {protocol!r}; valid: auto, candidates, candidates500, pool")
 
 
-def rank_task(task: RankingTask, queries: torch.Tensor, texts: torch.Tensor, *, chunk: int = 1024) -> np.ndarray:
-    """Exact 1-based rank of the best gold caption for every query (inner-product scores)."""
-    queries, texts = queries.float().cpu(), texts.float().cpu()
+def _tensor(vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(vectors).float().cpu()
+
+
+def pool_ranks(queries: torch.Tensor | np.ndarray, texts: torch.Tensor | np.ndarray, gold: Sequence[np.ndarray],
+               *, chunk: int = 1024) -> np.ndarray:
+    """Exact 1-based rank of each query's best gold among all ``texts`` (inner-product scores)."""
+    queries, texts = _tensor(queries), _tensor(texts)
     ranks = []
-    for start in range(0, len(task), chunk):
-        stop = min(start + chunk, len(task))
-        if task.candidates is None:
-            scores = queries[start:stop] @ texts.T
-            gold = torch.zeros_like(scores, dtype=torch.bool)
-            for row, ids in enumerate(task.gold[start:stop]):
-                gold[row, torch.as_tensor(ids)] = True
-            ranks.append(gold_ranks(scores, gold))
-            continue
-        for q in range(start, stop):
-            cand = torch.as_tensor(task.candidates[q])
-            scores = (texts[cand] @ queries[q]).unsqueeze(0)
-            gold = torch.as_tensor(np.isin(task.candidates[q], task.gold[q])).unsqueeze(0)
-            ranks.append(gold_ranks(scores, gold))
-    return np.concatenate(ranks)
+    for start in range(0, len(queries), chunk):
+        scores = queries[start:start + chunk] @ texts.T
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        for row, ids in enumerate(gold[start:start + chunk]):
+            mask[row, torch.as_tensor(ids, dtype=torch.long)] = True
+        ranks.append(gold_ranks(scores, mask))
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def rank_task(task: RankingTask, queries: torch.Tensor | np.ndarray, texts: torch.Tensor | np.ndarray, *,
+              chunk: int = 1024) -> np.ndarray:
+    """Exact 1-based rank of the best gold caption for every query (inner-product scores)."""
+    if task.candidates is None:
+        return pool_ranks(queries, texts, task.gold, chunk=chunk)
+    queries, texts = _tensor(queries), _tensor(texts)
+    ranks = []
+    for q, (candidates, gold) in enumerate(zip(task.candidates, task.gold, strict=True)):
+        scores = (texts[torch.as_tensor(candidates)] @ queries[q]).unsqueeze(0)
+        ranks.append(gold_ranks(scores, torch.as_tensor(np.isin(candidates, gold)).unsqueeze(0)))
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

@@ -25,12 +25,14 @@ from transresnet.checkpoint import WEIGHTS, save_checkpoint
 from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
+from transresnet.encode import encode_queries
+from transresnet.evaluate import task_metrics
 from transresnet.features import cached_features, weights_identity
-from transresnet.images import ImagePreprocessor, open_rgb
+from transresnet.images import ImagePreprocessor
 from transresnet.loss import InBatchSoftmaxLoss
-from transresnet.metrics import summarize_ranks
 from transresnet.model import TransResNet, create_model
-from transresnet.retrieval import RankingTask, rank_task, task_for
+from transresnet.retrieval import RankingTask, task_for
+from transresnet.runtime import eval_mode
 from transresnet.traits import TraitVocab
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class ImageInputs:
             views = self.cached.shape[1] if train else 1
             view = torch.randint(views, (len(rows),))
             return self.cached[torch.as_tensor(rows), view].to(self.device)
-        pixels = torch.stack([self.preprocessor(open_rgb(self.paths[r])) for r in rows])
+        pixels = torch.stack([self.preprocessor.load(self.paths[r]) for r in rows])
         return self.model.encode_image(pixels.to(self.device))
 
 
@@ -89,15 +91,13 @@ class TextInputs:
         todo = sorted(set(texts) - self.pooled.keys(), key=len)
         if not self.use_cache or not todo:
             return
-        was_training = self.model.training
-        self.model.eval()  # pooled outputs without dropout
         start = time.perf_counter()
         starts = range(0, len(todo), self.batch_size)
-        for i in tqdm(starts, desc="caption features", unit="batch", leave=False, disable=None):
-            chunk = todo[i:i + self.batch_size]
-            for text, row in zip(chunk, self.model.text.pool(chunk).cpu(), strict=True):
-                self.pooled[text] = row.clone()
-        self.model.train(was_training)
+        with eval_mode(self.model):  # pooled outputs without dropout
+            for i in tqdm(starts, desc="caption features", unit="batch", leave=False, disable=None):
+                chunk = todo[i:i + self.batch_size]
+                for text, row in zip(chunk, self.model.text.pool(chunk).cpu(), strict=True):
+                    self.pooled[text] = row.clone()
         elapsed = time.perf_counter() - start
         logger.info("cached %d caption features in %.1fs (%.0f captions/s)", len(todo), elapsed,
                     len(todo) / max(elapsed, 1e-9))
@@ -150,30 +150,34 @@ def epoch_batches(examples: Sequence[Example], per_image: int, batch_size: int,
 
 
 def query_vectors(model: TransResNet, images: ImageInputs, rows: Sequence[int], trait_ids: Sequence[int],
-                  batch_size: int = 256) -> torch.Tensor:
-    out = []
-    for start in range(0, len(rows), batch_size):
-        feats = images.features(rows[start:start + batch_size], train=False)
-        traits = torch.as_tensor(trait_ids[start:start + batch_size], device=model.device)
-        out.append(model.encode_query(features=feats, trait_ids=traits).cpu())
-    return torch.cat(out)
+                  batch_size: int = 256) -> np.ndarray:
+    """Query vectors through the one encoding path (:func:`transresnet.encode.encode_queries`)."""
+    out = [encode_queries(model, trait_ids[start:start + batch_size],
+                          features=images.features(rows[start:start + batch_size], train=False))
+           for start in range(0, len(rows), batch_size)]
+    return np.concatenate(out)
 
 
 @torch.inference_mode()
 def evaluate(model: TransResNet, task: RankingTask, images: ImageInputs, texts: TextInputs,
              image_rows: dict[Path, int], *, trait_mode: str = "given", seed: int = 0) -> dict[str, float]:
-    """R@1/5/10 and ranks of a task. trait_mode: given, shuffled (permuted across queries) or none."""
-    model.eval()
+    """R@1/5/10 and ranks of a task, scored by the evaluator's :func:`task_metrics`.
+
+    trait_mode: given, shuffled (permuted across queries) or none. Caption vectors come from
+    ``texts``: a frozen transformer's pooled outputs are cached, the projection runs on them each time.
+    """
     rows = [image_rows[p] for p in task.query_images]
     traits = model.traits.lookup_many(task.query_traits)
     if trait_mode == "shuffled":
-        traits = list(np.random.default_rng(seed).permutation(traits))
+        traits = [int(t) for t in np.random.default_rng(seed).permutation(traits)]
     elif trait_mode == "none":
         traits = [0] * len(traits)
     queries = query_vectors(model, images, rows, traits)
     texts.precompute(task.texts)
-    text_vecs = torch.cat([texts.vectors(task.texts[i:i + 512]).cpu() for i in range(0, len(task.texts), 512)])
-    return summarize_ranks(rank_task(task, queries, text_vecs))
+    with eval_mode(model):
+        text_vecs = torch.cat([texts.vectors(task.texts[i:i + 512]).float().cpu()
+                               for i in range(0, len(task.texts), 512)])
+    return task_metrics(task, queries, text_vecs)
 
 
 # ----------------------------------------------------------------------------------- optimizer state
@@ -233,11 +237,28 @@ def _score(metrics: dict[str, float]) -> float:
     return metrics["R@1"] + 1e-3 * (metrics["R@1"] + metrics["R@5"] + metrics["R@10"]) / 3
 
 
+def synthesize_if_missing(config: ExperimentConfig) -> None:
+    """``data.synthesize``: draw the synthetic dataset into data.train's folder on first use."""
+    data = config.data
+    if data.synthesize is None or not data.train or Path(data.train).exists():
+        return
+    from transresnet.synth import generate_synthetic_dataset
+
+    folder = Path(data.train).parent
+    logger.info("%s does not exist yet: drawing %d synthetic images into %s (data.synthesize)", data.train,
+                data.synthesize, folder)
+    written = generate_synthetic_dataset(folder, data.synthesize, seed=0)
+    if written.resolve() != Path(data.train).resolve():
+        raise ValueError(f"data.synthesize writes {written}, but data.train is {data.train}: point data.train "
+                         f"at {written}")
+
+
 def _load_splits(config: ExperimentConfig) -> tuple[list[CaptionRecord], list[CaptionRecord], list[CaptionRecord]]:
     data = config.data
     if not data.train:
         raise ValueError("data.train is not set; point it at a captions CSV, Personality-Captions JSON or "
                          "Karpathy dataset.json (e.g. --set data.train=path/to/captions.csv)")
+    synthesize_if_missing(config)
     train = load_dataset(data.train, split=data.train_split, image_dir=data.image_dir).records
     val = load_dataset(data.val or data.train, split=data.val_split, image_dir=data.image_dir).records
     test = load_dataset(data.test, split=data.test_split, image_dir=data.image_dir).records if data.test else []

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transresnet.keys import text_key
+
 NO_PERSONALITY = 0
 NONE_ALIASES = ("none", "no personality", "<none>")
 NONE_NAME = "<none>"
@@ -24,10 +26,6 @@ class UnknownTraitError(ValueError):
         self.suggestions = suggestions
         hint = f"; closest: {', '.join(suggestions)}" if suggestions else ""
         super().__init__(f"unknown personality {trait!r}{hint} (use 'none' for no personality)")
-
-
-def _normalise(name: str) -> str:
-    return " ".join(name.strip().lower().split())
 
 
 def parse_trait_line(line: str) -> tuple[str, list[str]]:
@@ -52,11 +50,11 @@ class TraitVocab:
         for slot, name in enumerate(self.names, start=1):
             for alias in [name, *self.synonyms.get(name, [])]:
                 # A synonym shared by two traits keeps its first owner; canonical names always win.
-                key = _normalise(alias)
+                key = text_key(alias)
                 if key in self._index and alias != name:
                     continue
                 self._index[key] = slot
-        if len(set(map(_normalise, self.names))) != len(self.names):
+        if len(set(map(text_key, self.names))) != len(self.names):
             raise ValueError("trait names must be unique (case-insensitively)")
 
     @classmethod
@@ -70,7 +68,7 @@ class TraitVocab:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             name, syns = parse_trait_line(line)
-            if _normalise(name) in map(_normalise, names):
+            if text_key(name) in map(text_key, names):
                 continue
             names.append(name)
             if syns:
@@ -84,8 +82,8 @@ class TraitVocab:
         """The sorted set of traits seen in training data (None and blanks skipped)."""
         seen: dict[str, str] = {}
         for trait in traits:
-            if trait and trait.strip() and _normalise(trait) not in NONE_ALIASES:
-                seen.setdefault(_normalise(trait), trait.strip())
+            if trait and trait.strip() and text_key(trait) not in NONE_ALIASES:
+                seen.setdefault(text_key(trait), trait.strip())
         return cls(sorted(seen.values(), key=str.lower))
 
     def __len__(self) -> int:
@@ -93,9 +91,9 @@ class TraitVocab:
         return len(self.names) + 1
 
     def lookup(self, trait: str | None) -> int:
-        if trait is None or _normalise(trait) in NONE_ALIASES:
+        if trait is None or text_key(trait) in NONE_ALIASES:
             return NO_PERSONALITY
-        slot = self._index.get(_normalise(trait))
+        slot = self._index.get(text_key(trait))
         if slot is None:
             raise UnknownTraitError(trait, self.closest(trait))
         return slot
@@ -107,7 +105,7 @@ class TraitVocab:
         return NONE_NAME if slot == NO_PERSONALITY else self.names[slot - 1]
 
     def closest(self, trait: str, n: int = 3) -> list[str]:
-        matches = difflib.get_close_matches(_normalise(trait), list(self._index), n=n, cutoff=0.5)
+        matches = difflib.get_close_matches(text_key(trait), list(self._index), n=n, cutoff=0.5)
         return list(dict.fromkeys(self.name_of(self._index[m]) for m in matches))
 
     def to_json(self) -> str:

@@ -8,8 +8,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends
 
-from service.deps import ResourcesDep, require_admin
-from service.schemas import ErrorResponse, IndexInfo, ModelInfo, ReloadRequest, ReloadResponse
+from ..deps import ResourcesDep, require_admin
+from ..schemas import ErrorResponse, IndexInfo, ModelInfo, ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={401: {"model": ErrorResponse, "description": "Missing or wrong admin token"},

@@ -8,12 +8,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.bundle import Bundle
-from service.deps import ResourcesDep
-from service.errors import InvalidRequest, UnknownPersonality
-from service.parsing import parse_captions_request
-from service.ranking import Ranking
-from service.schemas import (
+from ..bundle import Bundle
+from ..deps import ResourcesDep
+from ..errors import InvalidRequest, UnknownPersonality
+from ..parsing import parse_captions_request
+from ..ranking import Ranking
+from ..schemas import (
     CaptionHit,
     CaptionsJSONRequest,
     CaptionsResponse,
@@ -23,7 +23,7 @@ from service.schemas import (
     PersonalityRanking,
     Timings,
 )
-from service.settings import MAX_K
+from ..settings import MAX_K
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["captions"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.schemas import HealthResponse, IndexInfo, ModelInfo, ReadyResponse
+from ..schemas import HealthResponse, IndexInfo, ModelInfo, ReadyResponse
 
 router = APIRouter(tags=["health"])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import ResourcesDep
-from service.schemas import PersonalitiesResponse, Personality
+from ..deps import ResourcesDep
+from ..schemas import PersonalitiesResponse, Personality
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 

@@ -1,4 +1,4 @@
-"""The one caption-encoding path: index builds, the evaluator and the service all call these functions.
+"""The one encoding path: training's validation, the evaluator, index builds and the service call these.
 
 ``encode_captions`` runs the checkpoint's own ``model.encode_text`` over batches of similar token length
 (little padding, and equal-length batches need no attention mask), under ``torch.inference_mode``.
@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from transresnet.model import TransResNet
+from transresnet.options import Precision, choices
+from transresnet.runtime import eval_mode
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = choices(Precision)
 MIN_COSINE = 0.999
 """Reduced precision is accepted when every calibration vector has this cosine similarity to float32."""
 DEFAULT_BATCH_SIZE = 128
@@ -75,17 +77,6 @@ def _candidate_dtype(device: torch.device, precision: str) -> torch.dtype | None
     return torch.float16 if precision == "float16" else torch.bfloat16
 
 
-@contextlib.contextmanager
-def _eval_mode(model: TransResNet) -> Iterator[None]:
-    """Encode without dropout even when called mid-training, and restore the caller's mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _run(model: TransResNet, texts: Sequence[str], dtype: torch.dtype | None) -> torch.Tensor:
     with _autocast(model.device, dtype):
         return model.encode_text(texts).float()
@@ -104,7 +95,7 @@ def choose_precision(model: TransResNet, texts: Sequence[str], precision: str = 
         return "float32"
     by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     picks = [texts[by_length[int(j)]] for j in np.linspace(0, len(texts) - 1, min(sample, len(texts)))]
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         cosine = min_cosine(_run(model, picks, dtype), _run(model, picks, None))
     name = str(dtype).removeprefix("torch.")
     if cosine < MIN_COSINE:
@@ -139,7 +130,7 @@ def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int
     lengths = _lengths(model, texts)
     bar = tqdm(total=len(texts), unit="captions", unit_scale=True, desc="encoding",
                disable=(None if progress is None else not progress), mininterval=1.0)
-    with _eval_mode(model), torch.inference_mode(), bar:
+    with eval_mode(model), torch.inference_mode(), bar:
         for batch in length_batches(lengths, batch_size):
             vectors = _run(model, [texts[i] for i in batch], dtype)
             out[batch] = vectors.cpu().numpy()
@@ -154,6 +145,6 @@ def encode_queries(model: TransResNet, trait_ids: Sequence[int] | torch.Tensor, 
     Always float32: queries are few, and this keeps them bit-comparable with the evaluator's.
     """
     trait_ids = torch.as_tensor(trait_ids, dtype=torch.long).reshape(-1)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         vectors = model.encode_query(trait_ids=trait_ids, images=images, features=features)
     return vectors.float().cpu().numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from index import encode as enc
+from transresnet import encode as enc
 from transresnet.checkpoint import Checkpoint
 
 CAPTIONS = ["a dog", "a very small brown dog runs across the wide green field", "two cats",

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from transresnet.options import Device, choices
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,11 +42,11 @@ def _check_paths(checkpoint: Path, index_root: Path) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.settings import ServiceSettings
+    from transresnet.service.settings import ServiceSettings
 
     settings = ServiceSettings(**_overrides(args))
     if settings.checkpoint is None and settings.index_root is None:
-        from service.demo import ensure_demo
+        from transresnet.service.demo import ensure_demo
 
         logger.info("no checkpoint or index configured: serving the embedded synthetic demo")
         checkpoint, index_root = ensure_demo(settings.demo_dir)
@@ -55,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     _check_paths(settings.checkpoint, settings.index_root)
 
-    from service.main import create_app
+    from transresnet.service.main import create_app
 
     app = create_app(settings)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -77,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--index", type=Path, help="index root (its current version is served) or a version dir")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default auto)")
+    serve.add_argument("--device", choices=choices(Device), help="where the model runs (default auto)")
     serve.add_argument("--max-batch", type=int, help="most images encoded together (default 4; 32+ on a GPU)")
     serve.add_argument("--max-search-batch", type=int, help="most requests searched together (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")

@@ -1,7 +1,4 @@
-"""Fixtures and helpers shared by the service tests (imported by each tests/test_service_*.py module).
-
-The served model is the tiny random checkpoint from conftest; the index holds a few dozen captions.
-"""
+"""Plain helpers shared by the tests (fixtures live in conftest.py): tiny configs, images, indexes, servers."""
 
 from __future__ import annotations
 
@@ -9,7 +6,6 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,58 @@ from PIL import Image
 
 from transresnet.checkpoint import Checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+CONFIGS_DIR = REPO / "configs"
+TINY_TRAITS = ["Sarcastic", "Sweet", "Angry", "Cheerful"]
 ADMIN_TOKEN = "test-admin-token"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or a pytest skip when this machine does not have it."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data and weights live in ../shared on development machines)")
+    return path
+
+
+def tiny_tree(text_model: Path, **sections: dict) -> dict:
+    """A config tree for a tiny model: timm's test_resnet at 32 px, hidden 16, the tiny BERT."""
+    tree = {
+        "name": "tiny",
+        "model": {
+            "image": {"backbone": "test_resnet", "image_size": 32, "resize_size": 32, "freeze_backbone": True},
+            "text": {"model": str(text_model), "max_length": 16},
+            "hidden_dim": 16,
+        },
+        "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "seed": 0},
+    }
+    for key, value in sections.items():
+        tree.setdefault(key, {}).update(value)
+    return tree
+
+
+def random_pixels(size: tuple[int, int] = (48, 40), seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Random-noise pixels (height, width, channels), distinct per seed so rankings differ between images."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+
+
+def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (48, 40), seed: int = 0, **save: object) -> bytes:
+    """A small random-noise photo encoded as ``fmt`` (the one image writer of the tests)."""
+    buffer = io.BytesIO()
+    Image.fromarray(random_pixels(size, seed)).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def write_image(path: Path, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
+    """``image_bytes`` written to ``path`` (format from the suffix)."""
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}.get(path.suffix.lower(), "JPEG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image_bytes(fmt, size, seed))
+    return path
+
+
 SUBJECTS = ("a dog", "two cats", "a red car", "the beach", "a birthday cake", "an old bridge", "a city street",
             "three kids", "a mountain lake", "a bowl of soup")
 VOICES = {
@@ -37,20 +84,11 @@ def service_captions() -> list[str]:
 
 def build_test_index(checkpoint: Checkpoint, root: Path, captions: list[str] | None = None) -> Path:
     """Build and publish a new index version under the index root ``root``; returns the version dir."""
-    from index import BuildOptions, build_index
-    from index.captions import collect
+    from transresnet.index import BuildOptions, build_index
+    from transresnet.index.captions import collect
 
     table = collect({"caption": text} for text in (captions or service_captions()))
-    return Path(build_index(checkpoint, table, root, BuildOptions(keep=10), progress=False))
-
-
-def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (48, 40), seed: int = 0) -> bytes:
-    """A small random-noise photo (distinct per seed, so rankings differ between images)."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
+    return build_index(checkpoint, table, root, BuildOptions(keep=10), progress=False).path
 
 
 def free_port() -> int:
@@ -62,11 +100,12 @@ def free_port() -> int:
 def reference_ranking(checkpoint: Checkpoint, index_path: Path, data: bytes, traits: list[str],
                       k: int) -> list[list[tuple[str, float]]]:
     """What the service must answer, computed one request at a time with no batching or threads."""
-    from index import load_index
-    from transresnet.images import ImagePreprocessor, open_rgb
+    from transresnet.index import load_index
+
+    from transresnet.images import ImagePreprocessor
 
     caption_index = load_index(index_path, checkpoint=checkpoint)
-    pixels = ImagePreprocessor(checkpoint.config.model.image)(open_rgb(data))[None]
+    pixels = ImagePreprocessor(checkpoint.config.model.image).load(data)[None]
     rankings = []
     with torch.inference_mode():
         for trait in traits:
@@ -83,32 +122,6 @@ def assert_same_ranking(body: dict, expected: list[list[tuple[str, float]]]) -> 
         assert [c["id"] for c in result["captions"]] == [i for i, _ in reference]
         np.testing.assert_allclose([c["score"] for c in result["captions"]], [s for _, s in reference],
                                    rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="session")
-def service_index_root(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("service_index")
-    build_test_index(tiny_checkpoint, root)
-    return root
-
-
-@pytest.fixture(scope="session")
-def service_settings(tiny_checkpoint: Checkpoint, service_index_root: Path):
-    from service.settings import ServiceSettings
-
-    return ServiceSettings(_env_file=None, checkpoint=tiny_checkpoint.path, index_root=service_index_root,
-                           admin_token=ADMIN_TOKEN, max_upload_bytes=256 * 1024, max_pixels=2_000_000,
-                           max_wait_ms=2.0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def service_client(service_settings) -> Iterator:
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
-
-    with TestClient(create_app(service_settings), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 class ServerThread:

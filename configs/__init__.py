@@ -1,0 +1,1 @@
+"""The shipped experiment configs (YAML), installed as package data of ``transresnet.configs``."""

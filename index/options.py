@@ -1,0 +1,45 @@
+"""The options of an index build: light to import (no faiss), so the CLI derives its flags from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from transresnet.options import BuildIndexType, Precision, to_flags
+
+
+class BuildOptions(BaseModel):
+    """Everything besides checkpoint, captions and output that shapes a build: the one definition of the
+    `transresnet index build` flags, of the manifest's record of them and of the rebuild hint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index_type: BuildIndexType = Field(
+        "flat", description="flat = exact; ivf, hnsw, ivfpq = approximate; auto = by size and memory budget")
+    keep: int = Field(3, ge=1, description="index versions kept (the current one always)")
+    batch_size: int = Field(128, ge=1, description="captions per encoder batch")
+    precision: Precision = Field(
+        "auto", description="encoder precision; reduced precision is used only within tolerance of float32")
+    recall_target: float = Field(0.95, gt=0.0, le=1.0,
+                                 description="recall@k against exact search the approximate index is tuned to")
+    recall_k: int = Field(10, ge=1, description="the k of the recall target")
+    queries: Path | None = Field(
+        None, description=".npy of real query vectors (n, D) for tuning; default: held-out caption vectors")
+    tune_queries: int = Field(1000, ge=1, description="held-out caption vectors used for tuning")
+    memory_budget: str | None = Field(
+        None, description="memory budget for --type auto, e.g. 4G (default: half the RAM, at most 16G)")
+    nlist: int | None = Field(None, ge=1, description="IVF lists (default about 4 sqrt(n))")
+    pq_m: int | None = Field(None, ge=1, description="PQ bytes per vector (must divide the dimension)")
+    hnsw_m: int = Field(32, ge=2, description="HNSW graph degree")
+    ef_construction: int = Field(80, ge=1, description="HNSW build beam width")
+    refine: bool = Field(False, description="ivfpq: re-rank candidates with exact vectors")
+    seed: int = Field(0, description="seed of training samples and tuning queries")
+
+    def flags(self) -> list[str]:
+        """The `transresnet index build` flags that reproduce this build (see :data:`FLAG_NAMES`)."""
+        return to_flags(self, renames=FLAG_NAMES, always=("index_type",), exclude=("keep",))
+
+
+FLAG_NAMES = {"index_type": "--type"}
+"""Fields whose flag is not simply ``--field-name``."""

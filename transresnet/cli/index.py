@@ -1,0 +1,109 @@
+"""`transresnet index build | info | query`. Light at import: torch and faiss load inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from transresnet.index.options import FLAG_NAMES, BuildOptions
+from transresnet.options import Device, add_arguments, choices, from_namespace
+from transresnet.tables import format_table
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build, inspect and query caption indexes")
+    commands = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
+    _register_build(commands)
+    _register_info(commands)
+    _register_query(commands)
+
+
+def _register_build(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("build", help="encode captions with a checkpoint and publish a FAISS index version")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--captions", required=True, type=Path,
+                   help="captions: .txt (one per line), .csv or .jsonl with a 'caption' column")
+    p.add_argument("--out", required=True, type=Path, help="INDEX_ROOT (versions are published under it)")
+    add_arguments(p, BuildOptions, renames=FLAG_NAMES)
+    p.add_argument("--device", choices=choices(Device), default="auto", help="encoder device (default: auto)")
+    p.set_defaults(func=cmd_build)
+
+
+def _register_info(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("info", help="print an index's manifest (JSON)")
+    p.add_argument("index", type=Path, help="INDEX_ROOT or a version directory")
+    p.add_argument("--versions", action="store_true", help="also list the published versions")
+    p.set_defaults(func=cmd_info)
+
+
+def _register_query(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("query", help="rank captions for an image and a personality")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--index", required=True, type=Path, help="INDEX_ROOT or a version directory")
+    p.add_argument("--image", required=True, type=Path, help="image file")
+    p.add_argument("--personality", required=True, help="trait, e.g. Sarcastic ('none' for no personality)")
+    p.add_argument("-k", type=int, default=5, help="captions to return")
+    p.add_argument("--filter", action="store_true",
+                   help="rank only captions tagged with this personality in the index")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_query)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    options = from_namespace(BuildOptions, args)  # validated before torch and faiss load
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
+    if not args.captions.is_file():
+        raise FileNotFoundError(f"caption file {args.captions} not found")
+
+    from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
+    from transresnet.index.build import build_index
+
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    print(build_index(checkpoint, args.captions, args.out, options).summary())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from transresnet.index.store import list_versions, read_current, read_manifest, resolve_version_dir
+
+    version_dir = resolve_version_dir(args.index)
+    manifest = read_manifest(version_dir)
+    if args.versions:
+        root = version_dir.parent.parent
+        manifest = {"current": read_current(root), "versions": list_versions(root), "manifest": manifest}
+    print(json.dumps(manifest, indent=1))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import torch
+
+    from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
+    from transresnet.encode import encode_queries
+    from transresnet.images import ImagePreprocessor
+    from transresnet.index.search import load_index
+
+    if not args.image.is_file():
+        raise FileNotFoundError(f"image {args.image} not found")
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device("auto"))
+    caption_index = load_index(args.index, checkpoint=checkpoint)
+    slot = checkpoint.traits.lookup(args.personality)
+    pixels = ImagePreprocessor(checkpoint.config.model.image).load(args.image)
+    query = encode_queries(checkpoint.model, torch.tensor([slot]), images=pixels[None])
+    hits = caption_index.search(query, args.k, personality=args.personality if args.filter else None)[0]
+    if args.json:
+        print(json.dumps([{"rank": i + 1, "score": h.score, "caption": h.caption, "id": h.id,
+                           "metadata": h.metadata} for i, h in enumerate(hits)], indent=1))
+        return 0
+    rows = [[str(i + 1), f"{h.score:.4f}", h.caption, h.metadata.get("personality") or "", h.id]
+            for i, h in enumerate(hits)]
+    print(f"{args.image} as {checkpoint.traits.name_of(slot)} (index {caption_index.version}):")
+    print(format_table(["rank", "score", "caption", "personality", "id"], rows))
+    return 0
