@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test system-deps lint clean
+.PHONY: install serve test test-fast system-deps lint clean
 
 # Installs the project and its dev tools into a local virtual environment (re-runs when pyproject changes).
 $(STAMP): pyproject.toml
@@ -25,11 +25,18 @@ system-deps:
 		else echo "not root: skipping chromium install (the browser test will be skipped)"; fi; \
 	fi
 
+# Everything: what CI runs (tests marked slow, browser and shared included; shared ones skip without ../shared).
 test: $(STAMP) system-deps
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
+# The development lane: under a minute, no browser, no tests over a minute, no ../shared data.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not shared"
+
+# Style (ruff) and the layering rule (core <- index <- service <- cli; tests/test_layers.py).
 lint: $(STAMP)
-	$(BIN)/ruff check transresnet index service tests benchmarks
+	$(BIN)/ruff check transresnet index service configs tests benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

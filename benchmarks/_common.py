@@ -6,11 +6,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from transresnet.runtime import apply_runtime_defaults
+from transresnet.tables import format_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -18,14 +20,9 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def setup_env() -> None:
-    """Set before torch/faiss load. Passive OpenMP waiting: on a shared 2-core machine spinning worker
-    threads slowed both torch and FAISS 2-10x in our measurements; an explicit setting wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Before torch/faiss load: the project's runtime defaults, and no model hub (benchmarks are offline)."""
+    apply_runtime_defaults()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
 
 
 def machine() -> dict[str, Any]:
@@ -66,10 +63,7 @@ def rate(fn: Callable[[], Any], items: int, *, min_seconds: float = 1.0, max_rep
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
-    return "\n".join([fmt(cells[0]), fmt(["-" * w for w in widths]), *map(fmt, cells[1:])])
+    return format_table(header, rows, numeric=True)
 
 
 def write_json(path: Path | None, name: str, data: dict[str, Any]) -> Path:

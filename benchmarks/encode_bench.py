@@ -22,8 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, loadavg, machine, setup_env, table, timed, write_json  # noqa: E402
+from _common import SHARED, loadavg, machine, setup_env, table, timed, write_json  # noqa: E402 (the script folder is on sys.path)
 
 setup_env()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import setup_env  # the script folder is on sys.path
+
+from transresnet.options import Device, choices
+from transresnet.runtime import utc_timestamp
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -292,15 +295,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic-images", type=int, default=2000)
     parser.add_argument("--index-type", default="ivf", choices=("flat", "ivf", "hnsw", "ivfpq"),
                         help="approximate index reported beside exact search")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=choices(Device))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--plot", type=Path, default=None, help="also write the recall@k plot here")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_env()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = target_check(results)
     table = markdown_table(results)
-    summary = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+    summary = {"date": utc_timestamp(), "command": " ".join(sys.argv),
                "seeds": args.seeds, "threads": torch.get_num_threads(), "rows": results, "target": check}
     (args.out / "recall_table.json").write_text(json.dumps(summary, indent=1))
     text = [table]

@@ -21,8 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, machine, setup_env, table, timed, write_json  # noqa: E402
+from _common import loadavg, machine, setup_env, table, timed, write_json  # noqa: E402 (the script folder is on sys.path)
 
 setup_env()
 

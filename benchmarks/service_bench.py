@@ -56,7 +56,7 @@ class Server:
     def __init__(self, args: argparse.Namespace, batching: bool) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "transresnet.cli", "serve", "--checkpoint", str(args.checkpoint),
+        command = [sys.executable, "-m", "transresnet", "serve", "--checkpoint", str(args.checkpoint),
                    "--index", str(args.index), "--port", str(self.port), "--log-level", "warning"]
         for flag, value in (("--max-batch", args.max_batch), ("--max-search-batch", args.max_search_batch),
                             ("--max-wait-ms", args.max_wait_ms)):
@@ -66,9 +66,8 @@ class Server:
             command += ["--threads", str(args.threads)]
         if not batching:
             command.append("--no-batching")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log = open(args.out.with_suffix(f".server-{'batched' if batching else 'unbatched'}.log"), "w")
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         try:

@@ -8,16 +8,13 @@ import logging
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from tests.helpers import shared_path, write_image
 from transresnet.data import EMPTY_CAPTION, MALFORMED_RECORD, MISSING_IMAGE, SkipReport, load_dataset
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def _image(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+    write_image(path, size=(8, 8))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -248,9 +245,7 @@ def test_skip_report_keeps_first_examples_only() -> None:
 
 @pytest.mark.shared
 def test_real_flickr8k_1k_csv() -> None:
-    path = SHARED / "data" / "flickr8k-1k" / "captions.csv"
-    if not path.is_file():
-        pytest.skip(f"real data not available at {path}")
+    path = shared_path("data", "flickr8k-1k", "captions.csv")
     ds = load_dataset(path)
     assert len(ds) == 4000 and ds.skipped.total == 0
     assert len(ds.image_ids()) == 800

@@ -66,6 +66,7 @@ def test_missing_file(tmp_path: Path) -> None:
         read_captions(tmp_path / "nope.csv")
 
 
+@pytest.mark.shared
 def test_real_flickr8k_captions() -> None:
     table = read_captions(shared_path("data", "flickr8k-captions", "captions.csv"))
     assert table.rows_read == 39460

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from tests.helpers import write_image
 from transresnet.checkpoint import Checkpoint
 from transresnet.cli import main
 
@@ -33,9 +33,7 @@ def caption_csv(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    path = tmp_path / "photo.png"
-    Image.new("RGB", (40, 30), (30, 160, 90)).save(path)
-    return path
+    return write_image(tmp_path / "photo.png", size=(40, 30))
 
 
 def test_build_info_query(tiny_checkpoint: Checkpoint, caption_csv: Path, image: Path, tmp_path: Path,

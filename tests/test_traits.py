@@ -30,6 +30,7 @@ def test_json_round_trip_and_from_traits() -> None:
     assert again.names == vocab.names and again.lookup("SWEET") == vocab.lookup("sweet")
 
 
+@pytest.mark.shared
 def test_real_personalities_file() -> None:
     vocab = TraitVocab.from_file(shared_path("data", "personality-captions", "personalities.txt"))
     assert len(vocab) == 216
