@@ -7,15 +7,13 @@ import pytest
 
 from transresnet.checkpoint import load_checkpoint
 from transresnet.config import build_config
-from transresnet.synth import generate_synthetic_dataset
 from transresnet.train import train
 
 
 @pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_synthetic_dataset(out, 300, seed=1, image_size=32)
-    return out
+def synthetic_data(synthetic_dataset: Path) -> Path:
+    """The folder of the session's synthetic dataset (conftest)."""
+    return synthetic_dataset.parent
 
 
 def synthetic_config(data: Path, tmp: Path, **train_overrides):
