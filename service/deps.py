@@ -30,12 +30,20 @@ SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("missing or wrong admin token: send 'Authorization: Bearer <TRANSRESNET_ADMIN_TOKEN>'",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_admin(settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if settings.admin_token is None:
-        raise AdminDisabled("admin endpoints are disabled: start the server with TRANSRESNET_ADMIN_TOKEN set")
+    """Only ``Authorization: Bearer <token>`` with a configured, non-blank token passes (Basic and any other
+    scheme are refused: ``HTTPBearer`` gives None for them)."""
+    if not settings.admin_enabled or settings.admin_token is None:
+        raise AdminDisabled("admin endpoints are disabled: start the server with TRANSRESNET_ADMIN_TOKEN set "
+                            "to a non-blank secret")
     expected = settings.admin_token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
-    if not secrets.compare_digest(given, expected):
-        raise Unauthorized("missing or wrong admin token: send 'Authorization: Bearer <TRANSRESNET_ADMIN_TOKEN>'",
-                           headers={"WWW-Authenticate": "Bearer"})
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise _unauthorized()
+    if not secrets.compare_digest(credentials.credentials.encode(), expected):
+        raise _unauthorized()

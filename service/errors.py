@@ -64,6 +64,26 @@ class AdminDisabled(ServiceError):
     code = "admin_disabled"
 
 
+class ReloadPathForbidden(ServiceError):
+    status_code = 403
+    code = "reload_path_forbidden"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+
+class StageTimeout(ServiceError):
+    status_code = 503
+    code = "stage_timeout"
+
+
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class ReloadFailed(ServiceError):
     status_code = 409
     code = "reload_failed"

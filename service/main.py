@@ -17,6 +17,7 @@ from .errors import ServiceError, validation_error
 from .metrics import ServiceMetrics
 from .resources import Resources
 from .routers import admin, captions, health, metrics, personalities, web
+from .security import HeaderLimitMiddleware, SecurityHeadersMiddleware
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.resources = resources
     logger.info("serving model %s with index %s (%d captions)", resources.bundle.model_info["version"],
                 resources.bundle.index.version, len(resources.bundle.index))
+    _log_admin_state(settings)
     try:
         yield
     finally:
         app.state.resources = None
         await resources.close()
+
+
+def _log_admin_state(settings: ServiceSettings) -> None:
+    if settings.admin_enabled:
+        logger.info("admin endpoints enabled; reloads may name checkpoints under %r",
+                    [str(root) for root in settings.effective_reload_roots])
+    else:
+        logger.info("admin endpoints disabled: TRANSRESNET_ADMIN_TOKEN is unset, empty or blank")
 
 
 class MetricsMiddleware:
@@ -96,7 +106,7 @@ async def http_error_handler(request: Request, err: Exception) -> JSONResponse:
 
 
 async def unexpected_error_handler(request: Request, err: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    logger.exception("unhandled error on %s %r", request.method, request.url.path)
     error = ServiceError("internal error; the server logged the details")
     error.status_code, error.code = 500, "internal"
     return _error_response(request, error)
@@ -106,7 +116,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts (``uvicorn`` or ``TestClient`` as context)."""
     settings = settings or ServiceSettings()
     app = FastAPI(title="TransResNet personality captions", version=API_VERSION, description=DESCRIPTION,
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)  # /docs: routers/web.py, with its own CSP
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.resources = None
@@ -118,5 +128,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from transresnet.options import Device
@@ -32,8 +32,15 @@ class ServiceSettings(BaseSettings):
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     """Largest accepted image file (413 above it)."""
-    max_pixels: int = Field(40_000_000, ge=64)
-    """Largest accepted width x height, checked from the header before any pixel is decoded."""
+    max_pixels: int = Field(16_777_216, ge=64)
+    """Largest accepted width x height (default 4096 x 4096), checked from the header before any pixel is
+    decoded. The model needs a short side of a few hundred pixels (256 for the shipped configs) and decoding
+    reduces at most 8x (JPEG draft, PIL ``reduce``), so a 4096-px photo is still decoded at 512 px, twice what
+    the model needs; bigger photos only cost memory and time: downscale them before sending."""
+    decode_memory_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    """Budget for pixels being decoded at once, across all requests (width x height x bytes per pixel read
+    from each header, after JPEG draft scaling); uploads wait for room. Raised to fit one image at
+    ``max_pixels`` x 4 bytes when set lower."""
     max_personalities: int = Field(16, ge=1)
     """Most personalities one request may ask for."""
 
@@ -54,9 +61,59 @@ class ServiceSettings(BaseSettings):
     decode_threads: int = Field(2, ge=1)
     """Threads that decode and preprocess uploads."""
 
+    max_in_flight: int = Field(48, ge=1)
+    """Most caption requests admitted at once (decoding, queued or encoding, searching); beyond it POST
+    /v1/captions answers 503 with Retry-After at once instead of queueing without bound. The micro-batch
+    queues hold at most this many jobs. Default from benchmarks/soak.py on 2 CPU cores with the demo model
+    (about 60 requests/s): 48 in flight keeps the p99 of admitted requests under 1 s; scale it with throughput
+    x the latency you accept."""
+    retry_after_s: int = Field(1, ge=0)
+    """The Retry-After header of an overload 503."""
+    stage_timeout_s: float = Field(10.0, gt=0.0)
+    """Longest a request may spend in one stage (decode, encode, search, each with its queue); over it, 503."""
+    read_timeout_s: float = Field(30.0, gt=0.0)
+    """Longest a client may take to send a request body (slow uploads get 408 and the connection closed)."""
+    header_timeout_s: float = Field(10.0, gt=0.0)
+    """Longest a client may take to send the request line and headers (slow headers: connection closed)."""
+    keep_alive_s: int = Field(5, ge=1)
+    """Idle keep-alive connections are closed after this many seconds (uvicorn ``timeout_keep_alive``)."""
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    """Largest request line plus headers (h11 ``max_incomplete_event_size``); above it, 431."""
+    max_headers: int = Field(100, ge=8)
+    """Most request header fields; above it, 431."""
+
     admin_token: SecretStr | None = None
-    """Bearer token for /v1/admin/*; None disables the admin endpoints."""
+    """Bearer token for /v1/admin/*; unset, empty or whitespace disables the admin endpoints."""
+    reload_roots: list[Path] = Field(default_factory=list)
+    """Directories a reload may take a checkpoint from (resolved: ``..`` and symlinks cannot leave them);
+    empty = the directory holding the configured checkpoint (e.g. RUN for RUN/best, so RUN/last may be
+    reloaded) and the configured index root. As an environment variable, a
+    JSON list: TRANSRESNET_RELOAD_ROOTS='["/models"]'."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("admin_token")
+    @classmethod
+    def _blank_token_disables_admin(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty token must never match an empty Authorization header: blank means disabled."""
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @property
+    def admin_enabled(self) -> bool:
+        return self.admin_token is not None
+
+    @property
+    def effective_reload_roots(self) -> list[Path]:
+        """The allowed reload roots, resolved (symlinks followed, ``..`` removed)."""
+        roots = list(self.reload_roots)
+        if not roots:
+            roots = [p for p in (self.checkpoint and self.checkpoint.resolve().parent, self.index_root) if p]
+        return list(dict.fromkeys(root.resolve() for root in roots))
+
+    @property
+    def effective_decode_memory(self) -> int:
+        return max(self.decode_memory_bytes, self.max_pixels * 4)
 
     @property
     def effective_max_batch(self) -> int:

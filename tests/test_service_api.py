@@ -299,9 +299,10 @@ def test_reload_with_token(client):
     assert body["previous_index"]["version"] == before and body["index"]["version"] == before
 
 
-def test_reload_with_bad_checkpoint_keeps_serving(client, tmp_path):
+def test_reload_with_bad_checkpoint_keeps_serving(client, tiny_checkpoint):
+    missing = tiny_checkpoint.path.parent / "missing"  # under the default reload roots, so it is tried
     response = client.post("/v1/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-                           json={"checkpoint": str(tmp_path / "missing")})
+                           json={"checkpoint": str(missing)})
     assert_error(response, 409, "reload_failed", "still serving")
     assert post_form(client).status_code == 200
 
