@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from importlib import metadata
+from typing import Any
 
 from transresnet.cli import evaluate, index, serve, train
 from transresnet.runtime import apply_runtime_defaults
@@ -54,12 +55,19 @@ def describe_error(err: BaseException) -> str:
     from pydantic import ValidationError
 
     if isinstance(err, ValidationError):
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in err.errors()]
-        return "invalid options: " + "; ".join(problems)
+        return "invalid options: " + "; ".join(map(_option_problem, err.errors()))
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         return f"{err.strerror}: {err.filename}"
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0] if isinstance(err, RuntimeError) else " ".join(text.split())
+
+
+def _option_problem(error: Any) -> str:
+    """A pydantic error of an options model, named by its flag: '--recall-target: should be ...'."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message
+    return "--" + "-".join(str(part).replace("_", "-") for part in error["loc"]) + ": " + message
 
 
 # Failures a user can fix: bad options or configs, missing or unreadable files, FAISS and torch refusing

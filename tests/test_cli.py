@@ -1,0 +1,91 @@
+"""The command line fails politely (one line, non-zero exit, traceback only with -v) and every config trains."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CONFIGS_DIR, REPO
+from transresnet.checkpoint import Checkpoint, load_checkpoint
+from transresnet.cli import main
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_missing_config_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run")]) == 2
+    (message,) = _errors(caplog)
+    assert "nope.yaml" in message and "\n" not in message
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_file_in_the_way_of_the_output_is_one_line(tiny_checkpoint: Checkpoint, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\na cat\nthe sea\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.ERROR):
+        assert main(["index", "build", "--checkpoint", str(tiny_checkpoint.path), "--captions", str(captions),
+                     "--out", str(blocker / "index")]) == 2
+    (message,) = _errors(caplog)
+    assert str(blocker) in message and "\n" not in message
+
+
+def test_invalid_options_are_refused_before_anything_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["index", "build", "--checkpoint", str(tmp_path), "--captions", str(tmp_path / "c.txt"),
+                     "--out", str(tmp_path / "i"), "--recall-target", "1.5"]) == 2
+    assert "--recall-target" in _errors(caplog)[0] and "less than or equal to 1" in _errors(caplog)[0]
+
+
+def test_faiss_refusing_bad_input_is_one_line(tiny_checkpoint: Checkpoint, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join(f"caption number {i}" for i in range(300)))
+    with caplog.at_level(logging.ERROR):
+        assert main(["index", "build", "--checkpoint", str(tiny_checkpoint.path), "--captions", str(captions),
+                     "--out", str(tmp_path / "i"), "--type", "ivfpq", "--pq-m", "7"]) == 2
+    (message,) = _errors(caplog)
+    assert "7" in message and "\n" not in message
+
+
+def test_an_interrupted_run_exits_130(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import transresnet.train
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transresnet.train, "train", interrupted)
+    assert main(["train", "--config", str(CONFIGS_DIR / "synthetic.yaml"), "--out", str(tmp_path / "run")]) == 130
+
+
+def test_verbose_shows_the_traceback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        assert main(["-v", "index", "info", str(tmp_path / "nothing")]) == 2
+    assert any(r.exc_info for r in caplog.records)
+
+
+def test_the_version_flag() -> None:
+    result = subprocess.run([sys.executable, "-m", "transresnet", "--version"], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.startswith("transresnet ")
+
+
+def test_the_synthetic_config_trains_as_written_on_a_fresh_clone(tiny_text_model: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/synthetic.yaml from an empty folder: its data are drawn on first use (data.synthesize)."""
+    monkeypatch.chdir(tmp_path)  # the config's relative .cache/synthetic paths land here
+    small = ["data.synthesize=40", "train.epochs=1", f"model.text.model={tiny_text_model}",
+             "model.text.max_length=16", "model.hidden_dim=16"]
+    args = ["train", "--config", str(REPO / "configs" / "synthetic.yaml"), "--out", "run"]
+    assert main([*args, *[part for item in small for part in ("--set", item)]]) == 0
+    assert (tmp_path / ".cache" / "synthetic" / "captions.csv").is_file()
+    assert load_checkpoint(tmp_path / "run" / "best").traits.lookup("Sweet") > 0
