@@ -21,6 +21,7 @@ from . import faiss_index as fx
 from . import store
 from .captions import CaptionTable, read_captions
 from .options import BuildOptions
+from .verify import SHOWN_IDS, describe_rows, nonfinite_rows
 
 if TYPE_CHECKING:
     from transresnet.checkpoint import Checkpoint
@@ -146,9 +147,20 @@ def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTa
         "source": table.report(),
         "columns": ["row", "id", "caption", *table.metadata],
         "has_personality": table.personalities is not None,
+        "finite_vectors": True,  # write_version refuses NaN/inf; loaders of PQ codes rely on this record
         "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "options": options.model_dump(mode="json"),
                   "gpus": fx.gpu_count()},
     }
+
+
+def refuse_nonfinite(vectors: np.ndarray, table: CaptionTable) -> None:
+    """Raise ValueError naming how many rows and which captions have NaN or infinite vectors."""
+    bad = nonfinite_rows(vectors)
+    if len(bad):
+        ids = [table.ids[row] for row in bad[:SHOWN_IDS].tolist()]
+        raise ValueError(f"{describe_rows(bad, ids, len(vectors))} have NaN or infinite caption vectors; no "
+                         "index was written. The text encoder produced them: check the checkpoint's weights "
+                         "(a diverged training run?) and the --precision used for encoding")
 
 
 def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, checkpoint_info: dict[str, Any],
@@ -158,6 +170,7 @@ def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, check
     n, dim = vectors.shape
     if n != len(table):
         raise ValueError(f"{n} vectors for {len(table)} captions")
+    refuse_nonfinite(vectors, table)
     budget = fx.parse_bytes(options.memory_budget) if options.memory_budget else None
     requested = fx.IndexSpec(type=options.index_type, nlist=options.nlist, pq_m=options.pq_m,
                              hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, refine=options.refine)

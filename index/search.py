@@ -2,7 +2,9 @@
 
 ``load_index`` refuses an index that does not belong to the checkpoint it will serve with (other text
 fingerprint or dimension), or whose files are missing, truncated or corrupted, with a message holding
-the command that rebuilds it. ``CaptionIndex.search`` is safe to call from many threads at once: CPU
+the command that rebuilds it (``verify.open_version`` does the file checks, NaN/inf vectors included).
+With ``fallback=True`` (a starting server) an INDEX_ROOT whose CURRENT is bad is served from its newest
+version that verifies, loudly. ``CaptionIndex.search`` is safe to call from many threads at once: CPU
 searches never modify the index (filters and widened searches use per-call parameters), GPU searches
 are serialised because FAISS GPU indexes are not thread-safe.
 """
@@ -29,16 +31,18 @@ from .captions import PERSONALITY
 from .options import BuildOptions
 from .store import (
     CAPTION,
-    CAPTIONS_FILE,
+    CURRENT,
     ID,
-    INDEX_FILE,
     ROW,
     IndexLoadError,
-    read_captions_table,
+    is_version_dir,
+    list_versions,
+    read_current,
     read_manifest,
     resolve_version_dir,
-    verify_files,
+    versions_dir,
 )
+from .verify import open_version
 
 if TYPE_CHECKING:
     from transresnet.checkpoint import Checkpoint
@@ -74,6 +78,18 @@ def _index_root(version_dir: Path) -> Path:
     return version_dir.parent.parent
 
 
+@dataclass(frozen=True)
+class IndexFallback:
+    """Why the served version is not the one CURRENT names: ``wanted`` failed verification (``reason``)."""
+
+    wanted: str | None  # what CURRENT holds (None: no CURRENT file)
+    serving: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"wanted": self.wanted, "serving": self.serving, "reason": self.reason}
+
+
 class CaptionIndex:
     """A FAISS index of caption vectors plus the captions and their metadata, row i = FAISS id i."""
 
@@ -90,6 +106,7 @@ class CaptionIndex:
         self._tags_lock = threading.Lock()
         self._tags: dict[str, tuple[np.ndarray, faiss.IDSelector, np.ndarray]] | None = None
         self._metadata_columns = [c for c in captions.column_names if c not in (ROW, ID, CAPTION)]
+        self.fallback: IndexFallback | None = None  # set by load_index(fallback=True) when CURRENT was bad
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -198,12 +215,12 @@ class CaptionIndex:
         queries = self._check_queries(queries)
         if personality is None:
             self._check_k(k, len(self), "captions in this index")
-            return self._raw_search(queries, k)
+            return _drop_nan(*self._raw_search(queries, k))
         rows, selector = self._tagged(personality)
         self._check_k(k, len(rows), f"captions tagged {personality!r}")
         if self._on_gpu:
-            return self._overfetch_filtered(queries, k, rows)
-        return self._selector_filtered(queries, k, selector)
+            return _drop_nan(*self._overfetch_filtered(queries, k, rows))
+        return _drop_nan(*self._selector_filtered(queries, k, selector))
 
     def _selector_filtered(self, queries: np.ndarray, k: int, selector: faiss.IDSelector
                            ) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +273,18 @@ class CaptionIndex:
         return results
 
 
+def _drop_nan(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Never rank a NaN score: such hits become empty slots (row -1, score -inf) and are logged. Loading
+    refuses non-finite vectors, so this only guards against vectors changed in memory."""
+    nan = np.isnan(scores)
+    if nan.any():
+        logger.error("%d search results scored NaN (rows %s); they are dropped", int(nan.sum()),
+                     np.unique(ids[nan])[:5].tolist())
+        scores, ids = scores.copy(), ids.copy()
+        scores[nan], ids[nan] = -np.inf, -1
+    return scores, ids
+
+
 # --------------------------------------------------------------------------------------- loading
 
 
@@ -263,13 +292,18 @@ def check_compatible(manifest: dict[str, Any], version_dir: Path, *, checkpoint:
                      fingerprint: str | None = None) -> None:
     """Refuse an index built with another text encoder (fingerprint) or of another dimension."""
     recorded = manifest["checkpoint"]
+    if not isinstance(recorded.get("fingerprint"), str):
+        raise IndexLoadError(f"{version_dir}/manifest.json records no checkpoint fingerprint: it is corrupted; "
+                             "rebuild it with `transresnet index build`", reason="manifest lacks the fingerprint")
     root = _index_root(version_dir)
     if checkpoint is not None:
         command = rebuild_command(manifest, root, checkpoint.path)
         if checkpoint.model.embed_dim != manifest["dim"]:
             raise IndexLoadError(f"index {version_dir} holds {manifest['dim']}-d vectors but checkpoint "
                                  f"{checkpoint.path} produces {checkpoint.model.embed_dim}-d vectors; "
-                                 f"rebuild the index for this checkpoint: {command}")
+                                 f"rebuild the index for this checkpoint: {command}",
+                                 reason=f"{manifest['dim']}-d vectors, the checkpoint produces "
+                                        f"{checkpoint.model.embed_dim}-d")
         fingerprint = checkpoint.fingerprint
     else:
         command = rebuild_command(manifest, root, "CHECKPOINT_DIR")
@@ -277,44 +311,74 @@ def check_compatible(manifest: dict[str, Any], version_dir: Path, *, checkpoint:
         raise IndexLoadError(f"index {version_dir} was built with text encoder fingerprint "
                              f"{recorded['fingerprint']} (checkpoint {recorded.get('path')}), but the checkpoint "
                              f"in use has fingerprint {fingerprint}: its caption vectors would not match the "
-                             f"queries. Rebuild the index for this checkpoint: {command}")
-
-
-def _read_faiss(path: Path, *, mmap: bool, rebuild: str) -> faiss.Index:
-    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-    try:
-        return faiss.read_index(str(path), flags)
-    except RuntimeError as err:
-        raise IndexLoadError(f"{path} cannot be read by FAISS ({str(err).splitlines()[0][:200]}): the file is "
-                             f"corrupted or truncated; rebuild it: {rebuild}") from None
+                             f"queries. Rebuild the index for this checkpoint: {command}",
+                             reason=f"built for text encoder {recorded['fingerprint'][:12]}, not {fingerprint[:12]}")
 
 
 def load_index(path: str | Path, *, checkpoint: Checkpoint | None = None, fingerprint: str | None = None,
-               mmap: bool = False, verify: bool = True, use_gpu: bool = True) -> CaptionIndex:
+               mmap: bool = False, verify: bool = True, use_gpu: bool = True, fallback: bool = False) -> CaptionIndex:
     """Load INDEX_ROOT's current version (or the version directory ``path``).
 
     ``checkpoint``/``fingerprint``: refuse an index built for another text encoder. ``mmap``: map the
     FAISS file instead of reading it (large indexes; stays on CPU). ``verify``: check sha256 of every
     file (sizes are always checked). ``use_gpu``: move the index to the GPU(s) when FAISS has some.
+    ``fallback``: when ``path`` is an INDEX_ROOT whose CURRENT names a version that fails to load (invalid
+    pointer, missing, truncated or corrupted files, non-finite vectors, another checkpoint), load the
+    newest other version that verifies and fits the checkpoint instead, log a WARNING and record why in
+    the returned index's ``fallback``; without one that verifies, the original error is raised.
     """
-    version_dir = resolve_version_dir(path)
+    kwargs: dict[str, Any] = {"checkpoint": checkpoint, "fingerprint": fingerprint, "mmap": mmap, "verify": verify,
+                              "use_gpu": use_gpu}
+    path = Path(path)
+    if not fallback or is_version_dir(path):
+        return load_version(resolve_version_dir(path), **kwargs)
+    try:
+        return load_version(resolve_version_dir(path), **kwargs)
+    except IndexLoadError as err:
+        if not versions_dir(path).is_dir():
+            raise
+        wanted = _pointer_text(path)
+        return _load_fallback(path, wanted, err, **kwargs)
+
+
+def _pointer_text(root: Path) -> str | None:
+    try:
+        return read_current(root)
+    except IndexLoadError:
+        return None
+
+
+def _load_fallback(root: Path, wanted: str | None, err: IndexLoadError, **kwargs: Any) -> CaptionIndex:
+    """The newest version other than ``wanted`` that loads (verifies and fits the checkpoint)."""
+    skipped: list[str] = []
+    for name in reversed(list_versions(root)):
+        if name == wanted:
+            continue
+        try:
+            caption_index = load_version(versions_dir(root) / name, **kwargs)
+        except IndexLoadError as other:
+            logger.warning("fallback candidate index version %r is not usable either: %s", name, other.reason)
+            skipped.append(f"{name}: {other.reason}")
+            continue
+        caption_index.fallback = IndexFallback(wanted=wanted, serving=name, reason=err.reason)
+        logger.warning("INDEX FALLBACK: %s names version %r, which failed verification (%s); serving version %r, "
+                       "the newest that verifies. Fix the pointer with `transresnet index rollback %s` (or "
+                       "rebuild); details: %s", root / CURRENT, wanted, err.reason, name, root, err)
+        return caption_index
+    tried = f"; no other version verifies either ({'; '.join(skipped)})" if skipped else \
+        "; there is no other version to fall back to"
+    raise IndexLoadError(f"{err}{tried}", reason=err.reason) from None
+
+
+def load_version(version_dir: Path, *, checkpoint: Checkpoint | None = None, fingerprint: str | None = None,
+                 mmap: bool = False, verify: bool = True, use_gpu: bool = True) -> CaptionIndex:
+    """Load one version directory after checking it (see ``load_index``)."""
     manifest = read_manifest(version_dir)
     check_compatible(manifest, version_dir, checkpoint=checkpoint, fingerprint=fingerprint)
     rebuild = rebuild_command(manifest, _index_root(version_dir), checkpoint.path if checkpoint else None)
-    verify_files(version_dir, manifest, checksums=verify, rebuild=rebuild)
-    index = _read_faiss(version_dir / INDEX_FILE, mmap=mmap, rebuild=rebuild)
-    if index.d != manifest["dim"] or index.ntotal != manifest["count"]:
-        raise IndexLoadError(f"{version_dir / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d}, "
-                             f"the manifest says {manifest['count']} of {manifest['dim']}; rebuild it: {rebuild}")
-    try:
-        captions = read_captions_table(version_dir / CAPTIONS_FILE, memory_map=mmap)
-    except (OSError, pa.ArrowException) as err:
-        raise IndexLoadError(f"{version_dir / CAPTIONS_FILE} cannot be read ({err}); rebuild it: {rebuild}") from None
-    if captions.num_rows != manifest["count"]:
-        raise IndexLoadError(f"{version_dir / CAPTIONS_FILE} has {captions.num_rows} rows, the index "
-                             f"{manifest['count']}; rebuild it: {rebuild}")
+    index, captions = open_version(version_dir, manifest, checksums=verify, mmap=mmap, rebuild=rebuild)
     if use_gpu and not mmap:
         index = fx.to_gpu(index) or index
     logger.info("loaded caption index %s: %d captions, %s %s", version_dir, index.ntotal,
-                manifest["index"]["type"], manifest["index"].get("search_params") or "")
+                manifest["index"].get("type"), manifest["index"].get("search_params") or "")
     return CaptionIndex(index, captions, manifest, version_dir)
