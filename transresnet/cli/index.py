@@ -1,4 +1,5 @@
-"""`transresnet index build | info | query`. Light at import: torch and faiss load inside the handlers."""
+"""`transresnet index build | info | query | verify | rollback`. Light at import: torch and faiss load inside
+the handlers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_build(commands)
     _register_info(commands)
     _register_query(commands)
+    _register_verify(commands)
+    _register_rollback(commands)
 
 
 def _register_build(commands: argparse._SubParsersAction) -> None:
@@ -51,6 +54,25 @@ def _register_query(commands: argparse._SubParsersAction) -> None:
                    help="rank only captions tagged with this personality in the index")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_query)
+
+
+def _register_verify(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("verify", help="check every version of an index (sizes, sha256, manifest, FAISS, "
+                                           "vector counts, finite vectors); exit 1 when the current one is bad")
+    p.add_argument("index", type=Path, help="INDEX_ROOT")
+    p.set_defaults(func=cmd_verify)
+
+
+def _register_rollback(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("rollback", help="point CURRENT at a verified version (atomically)")
+    p.add_argument("index", type=Path, help="INDEX_ROOT")
+    p.add_argument("version", nargs="?", default=None,
+                   help="version name (default: the newest verified version older than the current one)")
+    p.set_defaults(func=cmd_rollback)
+
+
+VERIFY_FAILED = 1
+"""Exit status of `index verify` when CURRENT is missing, invalid or names a version that fails."""
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -106,4 +128,28 @@ def cmd_query(args: argparse.Namespace) -> int:
             for i, h in enumerate(hits)]
     print(f"{args.image} as {checkpoint.traits.name_of(slot)} (index {caption_index.version}):")
     print(format_table(["rank", "score", "caption", "personality", "id"], rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from transresnet.index.verify import verify_root
+
+    if not (args.index / "versions").is_dir():
+        raise FileNotFoundError(f"no caption index at {args.index} (no versions/ folder)")
+    report = verify_root(args.index)
+    print(f"{args.index}: CURRENT = {report.current!r}")
+    print(report.table())
+    if report.current_ok:
+        bad = [v.version for v in report.versions if not v.ok]
+        print(f"current version ok{f'; {len(bad)} other version(s) fail verification' if bad else ''}")
+        return 0
+    print(f"CURRENT is bad: {report.pointer_problem}; repoint it with `transresnet index rollback {args.index}`")
+    return VERIFY_FAILED
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from transresnet.index.verify import rollback
+
+    old, new = rollback(args.index, args.version)
+    print(f"{args.index}: CURRENT {old!r} -> {new!r}")
     return 0
