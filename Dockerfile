@@ -37,11 +37,10 @@ RUN pip install ".[gpu]" \
 RUN useradd --create-home --uid 10001 app && mkdir -p /models /index && chown app /app
 USER app
 
-# Weights load from the mounted checkpoint only; nothing is fetched from a model hub.
+# Weights load from the mounted checkpoint only; nothing is fetched from a model hub. (Thread and
+# tokenizer defaults are set by the transresnet command itself: transresnet/runtime.py.)
 ENV HF_HUB_OFFLINE=1 \
-    OMP_WAIT_POLICY=PASSIVE \
     TRANSFORMERS_OFFLINE=1 \
-    TOKENIZERS_PARALLELISM=false \
     TRANSRESNET_HOST=0.0.0.0 \
     TRANSRESNET_PORT=8000 \
     TRANSRESNET_DEMO_DIR=/app/.cache/demo
