@@ -167,3 +167,42 @@ def test_mmap_load_searches_the_same(tmp_path: Path) -> None:
     mapped = load_index(tmp_path, mmap=True, verify=False)
     queries = clustered(4, 16, seed=8)
     np.testing.assert_array_equal(mapped.search_ids(queries, 7)[1], index.search_ids(queries, 7)[1])
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_load_refuses_nonfinite_vectors_of_approximate_indexes(tmp_path: Path, index_type: str) -> None:
+    """IVF-Flat and HNSW-Flat vectors are read back and checked; FAISS silently drops a NaN vector from an
+    IVF index's lists (still counting it), which is refused too."""
+    import faiss
+    from transresnet.index import store
+    from transresnet.index.store import IndexLoadError
+
+    vectors = clustered(2000, 16, seed=9)
+    index = publish(tmp_path, vectors, index_type=index_type, tune_queries=50)
+    poisoned = vectors.copy()
+    poisoned[7] = np.nan
+    poisoned[11, 3] = np.inf
+    raw = faiss.clone_index(fx.to_cpu(index.faiss_index))
+    raw.reset()
+    raw.add(poisoned)
+    path = index.path / store.INDEX_FILE
+    faiss.write_index(raw, str(path))
+    manifest = dict(index.manifest, files={**index.manifest["files"], store.INDEX_FILE: store.file_entry(path)})
+    store.write_json(index.path / store.MANIFEST_FILE, manifest)
+    with pytest.raises(IndexLoadError, match=r"NaN or infinite vectors in 2 of 2000 rows \(rows 7, 11; "
+                                             r"caption ids 'c7', 'c11'\)"):
+        load_index(tmp_path)
+
+
+def test_search_never_returns_a_nan_score(tmp_path: Path) -> None:
+    vectors = clustered(300, 8, seed=10)
+    index = publish(tmp_path, vectors)
+    view = fx.flat_vectors(index.faiss_index)
+    view[5] = np.nan  # damaged in memory after the load-time check
+    queries = clustered(20, 8, seed=11)
+    for batch in (queries[:1], queries):  # the BLAS path and FAISS's
+        scores, ids = index.search_ids(batch, 10)
+        assert not np.isnan(scores).any() and 5 not in ids
+        hits = index.search(batch, 10)
+        assert all(not np.isnan(h.score) for row in hits for h in row)
+        assert all(h.row != 5 for row in hits for h in row)

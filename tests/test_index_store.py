@@ -150,3 +150,196 @@ def test_pruning_keeps_n_versions_and_never_the_current(root: Path) -> None:
         store.prune(root, keep=0)
     with pytest.raises(ValueError, match="does not exist"):
         store.set_current(root, "nope")
+
+
+# ------------------------------------------------------------------------------- the CURRENT pointer
+
+
+@pytest.mark.parametrize(("pointer", "message"), [
+    ("/etc", "is a path, not a version name"),
+    ("../../elsewhere", "is a path, not a version name"),
+    ("..", "is a relative directory reference"),
+    ("sub/dir", "is a path, not a version name"),
+    (".staging-x@host@1", "names a hidden or staging directory"),
+    ("v1\x00", "contains control characters"),
+])
+def test_current_must_name_a_version_inside_versions(root: Path, pointer: str, message: str) -> None:
+    tiny_version(root)
+    (root / "versions" / "sub" / "dir").mkdir(parents=True)  # exists, but two levels down
+    (root / "versions" / ".staging-x@host@1").mkdir()
+    (root / "CURRENT").write_text(pointer + "\n")
+    with pytest.raises(IndexLoadError, match=message) as err:
+        load_index(root)
+    assert f"run `transresnet index rollback {root}`" in str(err.value)
+    assert repr(pointer) in str(err.value)  # shown with repr: a newline cannot forge a log line
+
+
+def test_current_naming_a_symlink_out_of_versions_is_refused(root: Path, tmp_path: Path) -> None:
+    outside = tiny_version(tmp_path / "other")  # a complete, valid version, but in another root
+    tiny_version(root)
+    (root / "versions" / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "CURRENT").write_text("escape\n")
+    with pytest.raises(IndexLoadError, match="resolves outside"):
+        load_index(root)
+    with pytest.raises(IndexLoadError, match="resolves outside"):
+        store.set_current(root, "escape")
+
+
+def test_current_naming_a_missing_version_says_how_to_fix(root: Path) -> None:
+    first = tiny_version(root)
+    (root / "CURRENT").write_text("20990101T000000000000Z-gone00\n")
+    with pytest.raises(IndexLoadError, match=f"which is missing from .*available: {first.name}.*index rollback"):
+        load_index(root)
+
+
+def test_set_current_refuses_paths(root: Path) -> None:
+    first = tiny_version(root)
+    for bad in (str(first), "../versions/" + first.name, "", "."):
+        with pytest.raises(ValueError, match="available"):
+            store.set_current(root, bad)
+    assert store.read_current(root) == first.name
+
+
+def test_failed_pointer_write_leaves_no_temp_file(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = tiny_version(root)
+    monkeypatch.setattr(store.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        store.set_current(root, first.name)
+    assert not list(root.glob(".CURRENT.*"))
+
+
+def test_prune_removes_temp_pointer_files_of_dead_writers(root: Path) -> None:
+    first = tiny_version(root)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = store.socket.gethostname()
+    stale = [root / f".CURRENT.{host}.{dead_pid}.abc123", root / f".CURRENT.{dead_pid}.def456"]  # new, old names
+    alive = [root / f".CURRENT.{host}.{os.getpid()}.aaa111", root / f".CURRENT.otherhost.{dead_pid}.bbb222"]
+    for path in stale + alive:
+        path.write_text("half")
+    store.prune(root, keep=3)
+    assert sorted(p.name for p in root.glob(".CURRENT.*")) == sorted(p.name for p in alive)
+    assert store.read_current(root) == first.name
+
+
+# -------------------------------------------------------------------------------- non-finite vectors
+
+
+def test_build_refuses_nonfinite_vectors(root: Path) -> None:
+    vectors = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    vectors[[3, 17], 2] = np.nan
+    vectors[30, 0] = np.inf
+    table = CaptionTable(captions=[f"c {i}" for i in range(40)], ids=[f"id{i}" for i in range(40)], source="x",
+                         format="csv", rows_read=40)
+    info = {"path": "/ckpt", "fingerprint": FINGERPRINT, "embed_dim": 16, "scoring": "dot", "text_encoder": {}}
+    with pytest.raises(ValueError, match=r"3 of 40 rows \(rows 3, 17, 30; caption ids 'id3', 'id17', 'id30'\) "
+                                         "have NaN or infinite"):
+        write_version(root, vectors=vectors, table=table, checkpoint_info=info, options=BuildOptions())
+    assert store.list_versions(root) == [] and store.read_current(root) is None
+
+
+def _poison_flat(version: Path, rows: list[int]) -> None:
+    """Overwrite vectors of a flat index with NaN and re-record the file's size and checksum, as a buggy
+    writer (one that skipped the build check) would have produced it."""
+    import faiss
+
+    index = faiss.read_index(str(version / store.INDEX_FILE))
+    vectors = index.reconstruct_n(0, index.ntotal)
+    vectors[rows] = np.nan
+    index.reset()
+    index.add(vectors)
+    faiss.write_index(index, str(version / store.INDEX_FILE))
+    manifest = json.loads((version / store.MANIFEST_FILE).read_text())
+    manifest["files"][store.INDEX_FILE] = store.file_entry(version / store.INDEX_FILE)
+    store.write_json(version / store.MANIFEST_FILE, manifest)
+
+
+def test_load_refuses_nonfinite_vectors(root: Path) -> None:
+    version = tiny_version(root)
+    _poison_flat(version, [4, 9])
+    for mmap in (False, True):
+        with pytest.raises(IndexLoadError, match=r"NaN or infinite vectors in 2 of 40 rows \(rows 4, 9; "
+                                                 r"caption ids '4', '9'\)"):
+            load_index(root, mmap=mmap)
+
+
+def test_pq_index_without_finite_record_is_refused(root: Path) -> None:
+    vectors = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    table = CaptionTable(captions=[f"c {i}" for i in range(2000)], ids=[str(i) for i in range(2000)], source="x",
+                         format="csv", rows_read=2000)
+    info = {"path": "/ckpt", "fingerprint": FINGERPRINT, "embed_dim": 16, "scoring": "dot", "text_encoder": {}}
+    version = write_version(root, vectors=vectors, table=table, checkpoint_info=info,
+                            options=BuildOptions(index_type="ivfpq", tune_queries=50)).path
+    assert load_index(root).manifest["finite_vectors"] is True
+    manifest = json.loads((version / store.MANIFEST_FILE).read_text())
+    del manifest["finite_vectors"]
+    store.write_json(version / store.MANIFEST_FILE, manifest)
+    with pytest.raises(IndexLoadError, match="cannot be checked for NaN"):
+        load_index(root)
+
+
+# ---------------------------------------------------------------------------- fallback and rollback
+
+
+def test_fallback_serves_newest_verified_version(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    first = tiny_version(root, seed=1, keep=5)
+    second = tiny_version(root, seed=2, keep=5)
+    third = tiny_version(root, seed=3, keep=5)
+    data = (third / store.INDEX_FILE).read_bytes()
+    (third / store.INDEX_FILE).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(IndexLoadError, match="checksum|corrupted"):
+        load_index(root)  # without fallback a bad CURRENT is refused
+    (second / store.CAPTIONS_FILE).write_bytes(b"x")  # the next newest is broken too
+    with caplog.at_level(logging.WARNING):
+        served = load_index(root, fallback=True)
+    assert served.version == first.name
+    assert served.fallback is not None and served.fallback.wanted == third.name
+    assert served.fallback.serving == first.name and served.fallback.reason == "index.faiss checksum mismatch"
+    assert f"names version {third.name!r}, which failed verification" in caplog.text
+    assert f"serving version {first.name!r}" in caplog.text
+    assert store.read_current(root) == third.name  # the pointer itself is left for the operator to fix
+    with pytest.raises(IndexLoadError, match="no other version verifies either .*built for text encoder aaaa"):
+        load_index(root, fallback=True, fingerprint="b" * 32)  # no version fits another checkpoint
+
+
+def test_fallback_checks_checkpoint_and_gives_up_cleanly(root: Path) -> None:
+    old = tiny_version(root, seed=1, keep=5, fingerprint="b" * 32)  # built for another text encoder
+    new = tiny_version(root, seed=2, keep=5)
+    (root / "CURRENT").write_text("../" + new.name)  # an invalid pointer: the versions themselves are fine
+    served = load_index(root, fallback=True, fingerprint=FINGERPRINT)
+    assert served.version == new.name and "is a path, not a version name" in served.fallback.reason
+    served = load_index(root, fallback=True, fingerprint="b" * 32)  # the newest that fits this checkpoint
+    assert served.version == old.name
+    with pytest.raises(IndexLoadError, match=rf"is a path.*no other version verifies either \({new.name}: "
+                                             "built for text encoder aaaaaaaaaaaa, not cccccccccccc"):
+        load_index(root, fallback=True, fingerprint="c" * 32)
+    store.set_current(root, new.name)
+    assert load_index(root, fallback=True, fingerprint=FINGERPRINT).fallback is None
+    with pytest.raises(IndexLoadError, match="no caption index at"):
+        load_index(root.parent / "nothing", fallback=True)
+
+
+def test_rollback_and_verify(root: Path) -> None:
+    from transresnet.index.verify import rollback, verify_root
+
+    names = [tiny_version(root, seed=i, keep=5).name for i in range(3)]
+    assert verify_root(root).current_ok and all(v.ok for v in verify_root(root).versions)
+    (root / "versions" / names[1] / store.INDEX_FILE).write_bytes(b"short")
+    (root / "versions" / names[2] / store.MANIFEST_FILE).write_text("{}")
+    report = verify_root(root)
+    assert not report.current_ok and "fails verification" in report.pointer_problem
+    assert [(v.version, v.ok, v.current) for v in report.versions] == [
+        (names[0], True, False), (names[1], False, False), (names[2], False, True)]
+    assert "truncated" in report.versions[1].reason and "index format" in report.versions[2].reason
+    with pytest.raises(IndexLoadError, match=f"refusing to point .* at version '{names[1]}'.*truncated"):
+        rollback(root, names[1])
+    with pytest.raises(IndexLoadError, match="is a path"):
+        rollback(root, "../x")
+    assert store.read_current(root) == names[2]
+    assert rollback(root) == (names[2], names[0])  # skips the broken names[1]
+    assert verify_root(root).current_ok and load_index(root).version == names[0]
+    with pytest.raises(IndexLoadError, match=f"no verified version older than the current version '{names[0]}'"):
+        rollback(root)
