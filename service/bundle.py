@@ -43,14 +43,23 @@ class Bundle:
         return {"version": str(self.index.version), "size": len(self.index), "type": index_type}
 
     @property
+    def index_fallback(self) -> dict[str, Any] | None:
+        """(wanted, serving, reason) when CURRENT was bad at load and another verified version is served."""
+        fallback = self.index.fallback
+        return None if fallback is None else fallback.to_dict()
+
+    @property
     def min_side(self) -> int:
         """Short side the preprocessor resizes to (large JPEGs may be decoded at reduced scale down to 2x it)."""
         return self.preprocessor.cfg.effective_resize
 
 
 def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto", mmap: bool = False,
-                checkpoint: Checkpoint | None = None) -> Bundle:
-    """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking."""
+                checkpoint: Checkpoint | None = None, fallback: bool = False) -> Bundle:
+    """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking.
+
+    ``fallback``: when the index root's CURRENT names a version that fails verification, serve the newest
+    version that verifies and fits the checkpoint (start-up only; a reload refuses a bad CURRENT instead)."""
     from transresnet.index import load_index
 
     from transresnet.checkpoint import load_checkpoint
@@ -63,7 +72,7 @@ def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto"
         # Channels-last convolutions cost less per image at every batch size on CPU (oneDNN) and GPU (cuDNN);
         # only the weights' layout changes, not their values.
         checkpoint.model.backbone.to(memory_format=torch.channels_last)
-    caption_index = load_index(index_path, checkpoint=checkpoint, mmap=mmap)
+    caption_index = load_index(index_path, checkpoint=checkpoint, mmap=mmap, fallback=fallback)
     if len(caption_index) == 0:
         raise ValueError(f"index {caption_index.path} holds no captions; rebuild it with `transresnet index build`")
     bundle = Bundle(checkpoint, caption_index, ImagePreprocessor(checkpoint.config.model.image))

@@ -35,6 +35,11 @@ class ServiceMetrics:
         self.index_info = Gauge("transresnet_index_info", "The index being served (value 1)",
                                 ["version", "fingerprint"], registry=r)
         self.index_size = Gauge("transresnet_index_captions", "Captions in the index being served", registry=r)
+        self.index_fallback = Gauge("transresnet_index_fallback", "1 when CURRENT named a version that failed "
+                                    "verification and an older verified one is served", registry=r)
+        self.index_fallback_info = Gauge("transresnet_index_fallback_info", "The version CURRENT names and the one "
+                                         "served instead (value 1, during a fallback)", ["wanted", "serving"],
+                                         registry=r)
         self.model_info = Gauge("transresnet_model_info", "The checkpoint being served (value 1)",
                                 ["name", "version", "fingerprint"], registry=r)
         self.loaded_at = Gauge("transresnet_loaded_timestamp_seconds", "When the served model/index were loaded",
@@ -58,6 +63,13 @@ class ServiceMetrics:
         self.index_info.labels(index["version"], model["fingerprint"]).set(1)
         self.index_size.set(index["size"])
         self.loaded_at.set(time.time())
+
+    def set_index_fallback(self, fallback: dict[str, Any] | None) -> None:
+        """Export whether the served index is a fallback from a bad CURRENT (and which versions)."""
+        self.index_fallback_info.clear()
+        self.index_fallback.set(0 if fallback is None else 1)
+        if fallback is not None:
+            self.index_fallback_info.labels(str(fallback["wanted"]), fallback["serving"]).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

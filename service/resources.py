@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,20 +63,23 @@ class Resources:
     def ready(self) -> bool:
         return self._bundle is not None and self.ranker.alive
 
-    def _load(self, checkpoint_path: Path, reuse_checkpoint: bool) -> Bundle:
+    def _load(self, checkpoint_path: Path, reuse_checkpoint: bool, *, fallback: bool = False) -> Bundle:
         current = self._bundle.checkpoint if (reuse_checkpoint and self._bundle) else None
         bundle = load_bundle(checkpoint_path, self.settings.index_root, device=self.settings.device,
-                             mmap=self.settings.index_mmap, checkpoint=current)
+                             mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback)
         warm_up(bundle)
         return bundle
 
     def _install(self, bundle: Bundle) -> None:
         self._bundle = bundle
         self.metrics.set_serving(bundle.model_info, bundle.index_info)
+        self.metrics.set_index_fallback(bundle.index_fallback)
 
     async def start(self) -> None:
         configure_threads(self.settings)
-        bundle = await asyncio.to_thread(self._load, self.settings.checkpoint, False)
+        # A bad CURRENT at start-up falls back to the newest verified version (loudly: log, /readyz, metrics);
+        # a reload keeps serving what it has instead.
+        bundle = await asyncio.to_thread(partial(self._load, self.settings.checkpoint, False, fallback=True))
         self.ranker.start()
         self._install(bundle)
 

@@ -43,7 +43,7 @@ class CaptionsJSONRequest(CaptionsQuery):
 class CaptionHit(BaseModel):
     id: str = Field(description="The caption's id in the index's caption source")
     caption: str
-    score: float = Field(description="Dot-product score; higher ranks first")
+    score: float = Field(description="Dot-product score; higher ranks first", allow_inf_nan=False)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -99,10 +99,19 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class IndexFallback(BaseModel):
+    wanted: str | None = Field(description="The version CURRENT names (null: no CURRENT file)")
+    serving: str = Field(description="The newest version that verifies, served instead")
+    reason: str = Field(description="Why the wanted version failed verification")
+
+
 class ReadyResponse(BaseModel):
     ready: bool
     model: ModelInfo | None = None
     index: IndexInfo | None = None
+    index_fallback: IndexFallback | None = Field(
+        None, description="Set when CURRENT named a version that failed verification at start-up and an older "
+                          "verified one is served; fix with `transresnet index rollback ROOT` and reload")
 
 
 class ReloadRequest(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..schemas import HealthResponse, IndexInfo, ModelInfo, ReadyResponse
+from ..schemas import HealthResponse, IndexFallback, IndexInfo, ModelInfo, ReadyResponse
 
 router = APIRouter(tags=["health"])
 
@@ -22,4 +22,6 @@ async def readyz(request: Request) -> ReadyResponse | JSONResponse:
     if resources is None or not resources.ready:
         return JSONResponse(ReadyResponse(ready=False).model_dump(), status_code=503)
     bundle = resources.bundle
-    return ReadyResponse(ready=True, model=ModelInfo(**bundle.model_info), index=IndexInfo(**bundle.index_info))
+    fallback = bundle.index_fallback
+    return ReadyResponse(ready=True, model=ModelInfo(**bundle.model_info), index=IndexInfo(**bundle.index_info),
+                         index_fallback=IndexFallback(**fallback) if fallback else None)
