@@ -26,6 +26,7 @@ _EXPORTS = {
     "read_captions": "captions",
     "CaptionTable": "captions",
     "IndexSpec": "faiss_index",
+    "Captioner": "captioner",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -148,3 +148,21 @@ def encode_queries(model: TransResNet, trait_ids: Sequence[int] | torch.Tensor, 
     with eval_mode(model), torch.inference_mode():
         vectors = model.encode_query(trait_ids=trait_ids, images=images, features=features)
     return vectors.float().cpu().numpy()
+
+
+def encode_photo_queries(model: TransResNet, pixels: torch.Tensor, trait_ids: Sequence[Sequence[int]]
+                         ) -> list[np.ndarray]:
+    """Photos (B, 3, H, W) and each photo's trait slots -> one (n_i, D) float32 query array per photo.
+
+    Each photo goes through the backbone once, however many personalities it is asked in: the service's
+    micro-batches and :class:`transresnet.index.captioner.Captioner` both encode this way.
+    """
+    if len(trait_ids) != len(pixels):
+        raise ValueError(f"{len(pixels)} photos but trait slots for {len(trait_ids)}")
+    counts = torch.tensor([len(slots) for slots in trait_ids])
+    flat = torch.tensor([slot for slots in trait_ids for slot in slots], dtype=torch.long)
+    with eval_mode(model), torch.inference_mode():
+        features = model.encode_image(pixels)
+        features = features.repeat_interleave(counts.to(features.device), dim=0)
+    queries = encode_queries(model, flat, features=features)
+    return [np.ascontiguousarray(chunk) for chunk in np.split(queries, np.cumsum(counts.numpy())[:-1])]
