@@ -83,3 +83,56 @@ def test_cli_errors_are_clean(tiny_checkpoint: Checkpoint, caption_csv: Path, im
         assert main(["index", "query", "--checkpoint", str(tiny_checkpoint.path), "--index", str(root),
                      "--image", str(image), "--personality", "Sweet", "-k", "99"]) == 2
         assert "k=99 exceeds the 24 captions" in caplog.text
+
+
+def test_verify_and_rollback(tiny_checkpoint: Checkpoint, caption_csv: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "index"
+    versions = []
+    for _ in range(3):
+        assert main(["index", "build", "--checkpoint", str(tiny_checkpoint.path), "--captions", str(caption_csv),
+                     "--out", str(root), "--keep", "5"]) == 0
+        versions.append((root / "CURRENT").read_text().strip())
+    capsys.readouterr()
+    assert main(["index", "verify", str(root)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].split() == ["version", "current", "status", "captions", "type", "created", "fingerprint",
+                                "problem"]
+    assert lines[3].split()[:4] == [versions[2], "*", "ok", "24"] and "current version ok" in out
+
+    newest = root / "versions" / versions[2] / "index.faiss"
+    data = newest.read_bytes()
+    newest.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit flipped
+    (root / "versions" / versions[1] / "manifest.json").unlink()
+    assert main(["index", "verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[3:] if line.startswith("2")}
+    assert "FAILED" in rows[versions[2]] and "index.faiss checksum mismatch" in rows[versions[2]]
+    assert "manifest.json is missing" in rows[versions[1]] and " ok " in rows[versions[0]]
+    assert f"CURRENT is bad: current version '{versions[2]}' fails verification" in out
+
+    with caplog.at_level(logging.ERROR):
+        assert main(["index", "rollback", str(root), versions[1]]) == 2
+    assert f"refusing to point {root}/CURRENT at version '{versions[1]}'" in caplog.text
+    assert main(["index", "rollback", str(root)]) == 0  # the newest verified older version: skips versions[1]
+    assert f"CURRENT '{versions[2]}' -> '{versions[0]}'" in capsys.readouterr().out
+    assert (root / "CURRENT").read_text().strip() == versions[0]
+    assert main(["index", "verify", str(root)]) == 0
+
+
+def test_info_refuses_a_pointer_outside_versions(tiny_checkpoint: Checkpoint, caption_csv: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "index"
+    assert main(["index", "build", "--checkpoint", str(tiny_checkpoint.path), "--captions", str(caption_csv),
+                 "--out", str(root)]) == 0
+    (root / "CURRENT").write_text(str(tmp_path) + "\n")
+    with caplog.at_level(logging.ERROR):
+        assert main(["index", "info", str(root)]) == 2
+    assert "which is a path, not a version name" in caplog.text and "transresnet index rollback" in caplog.text
+    capsys.readouterr()
+    assert main(["index", "verify", str(root)]) == 1
+    assert "CURRENT is bad: CURRENT holds" in capsys.readouterr().out
+    assert main(["index", "rollback", str(root)]) == 0
+    assert main(["index", "info", str(root)]) == 0
