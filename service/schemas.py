@@ -19,6 +19,9 @@ Personalities = Annotated[
     Field(min_length=1, description="Trait names (case-insensitive, synonyms accepted); 'none' = no personality. "
                                     "A single string is accepted too."),
 ]
+EXAMPLE_IMAGE_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgl"
+                        "lso1AAAAAElFTkSuQmCC")
+"""An 8x8 orange PNG (78 bytes): the OpenAPI example is a request the server really answers."""
 K = Annotated[int, Field(ge=1, le=MAX_K, description="Captions to return per personality")]
 
 
@@ -37,7 +40,7 @@ class CaptionsJSONRequest(CaptionsQuery):
     image_base64: str = Field(min_length=1, description="The image file's bytes, base64-encoded")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"image_base64": "/9j/4AAQSkZJRg...", "personality": ["Sarcastic", "Sweet"], "k": 5}]})
+        "examples": [{"image_base64": EXAMPLE_IMAGE_BASE64, "personality": ["Sarcastic", "Sweet"], "k": 5}]})
 
 
 class CaptionHit(BaseModel):

@@ -17,6 +17,7 @@ import torch
 
 from transresnet.model import TransResNet
 from transresnet.options import Precision, choices
+from transresnet.progress import progress as progress_reporter
 from transresnet.runtime import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -112,10 +113,8 @@ def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int
 
     ``precision``: "auto" (reduced precision where the hardware has it, if a calibration sample stays
     within ``MIN_COSINE`` of float32; see :func:`choose_precision`), or "float32", "bfloat16", "float16"
-    used as given. ``progress``: a tqdm bar with captions/s (None = only on a terminal).
+    used as given. ``progress``: None = a bar on a terminal, log lines otherwise; False = silent.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
@@ -128,8 +127,7 @@ def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int
         chosen = "float32"
     dtype = None if chosen == "float32" else getattr(torch, chosen)
     lengths = _lengths(model, texts)
-    bar = tqdm(total=len(texts), unit="captions", unit_scale=True, desc="encoding",
-               disable=(None if progress is None else not progress), mininterval=1.0)
+    bar = progress_reporter(len(texts), f"encoding {len(texts)} captions", "captions", enabled=progress)
     with eval_mode(model), torch.inference_mode(), bar:
         for batch in length_batches(lengths, batch_size):
             vectors = _run(model, [texts[i] for i in batch], dtype)

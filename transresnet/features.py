@@ -15,20 +15,29 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from transresnet.config import ImageEncoderConfig
 from transresnet.files import sha256_file
 from transresnet.images import ImagePreprocessor
+from transresnet.progress import progress
 from transresnet.runtime import eval_mode
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+Pooling = Literal["avg", "grid"]
+
+
+def backbone_output(backbone: torch.nn.Module, pixels: torch.Tensor, pooling: Pooling = "avg") -> torch.Tensor:
+    """avg: the backbone's pooled features (B, F); grid: its last feature map as (B, H * W, F) cells."""
+    if pooling == "avg":
+        return backbone(pixels)
+    return backbone.forward_features(pixels).flatten(2).transpose(1, 2)
 
 
 def weights_identity(cfg: ImageEncoderConfig) -> str:
@@ -37,10 +46,16 @@ def weights_identity(cfg: ImageEncoderConfig) -> str:
     return "timm-pretrained" if cfg.pretrained else "random-init"
 
 
-def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0) -> str:
-    """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip."""
+def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0,
+              pooling: Pooling = "avg") -> str:
+    """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip.
+
+    ``pooling`` avg: global-pooled vectors (N, F); grid: the last feature map's cells (N, cells, F).
+    """
     parts = {"format": CACHE_FORMAT, "backbone": cfg.backbone, "kwargs": cfg.backbone_kwargs, "weights": weights,
              "preprocess": preprocessor.identity(), "view": view}
+    if pooling != "avg":  # avg keys stay what they were before grids existed
+        parts["pooling"] = pooling
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -66,14 +81,17 @@ class _ImageFiles(Dataset):
 @torch.inference_mode()
 def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor, paths: Sequence[Path], *,
                      view: int = 0, batch_size: int = 64, num_workers: int = 0,
-                     device: torch.device | str = "cpu") -> np.ndarray:
-    """Pooled backbone features of each image, float32 (N, F), with a progress bar in images/s."""
-    loader = DataLoader(_ImageFiles(paths, preprocessor, view), batch_size=batch_size, num_workers=num_workers)
+                     device: torch.device | str = "cpu", desc: str = "image features",
+                     pooling: Pooling = "avg") -> np.ndarray:
+    """Backbone features of each image, float32 (N, F) or grid (N, cells, F), with a progress bar in images/s."""
+    # A generator of its own: the loader's worker seeds never draw from (and so never shift) the global RNG,
+    # whether or not a run finds its features cached. Crops are seeded per (image, view) in _ImageFiles.
+    loader = DataLoader(_ImageFiles(paths, preprocessor, view), batch_size=batch_size, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(view))
     chunks = []
-    with eval_mode(backbone), tqdm(total=len(paths), desc="image features", unit="img", leave=False,
-                                   disable=None) as bar:
+    with eval_mode(backbone), progress(len(paths), desc, "photos") as bar:
         for pixels in loader:
-            chunks.append(backbone(pixels.to(device)).float().cpu().numpy())
+            chunks.append(backbone_output(backbone, pixels.to(device), pooling).float().cpu().numpy())
             bar.update(len(pixels))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -128,17 +146,19 @@ class FeatureCache:
 
 def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: Sequence[Path], *, root: str | Path,
                     weights: str, views: int = 1, batch_size: int = 64, num_workers: int = 0,
-                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Features (N, views, F) for ``paths``, computing and caching only what is missing."""
+                    device: torch.device | str = "cpu", pooling: Pooling = "avg") -> np.ndarray:
+    """Features (N, views, F), or (N, views, cells, F) for grids, computing and caching only what is missing."""
     preprocessor = ImagePreprocessor(cfg)
     per_view = []
     for view in range(views):
-        cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view))
+        cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view, pooling=pooling))
         todo = cache.missing(paths)
         if todo:
             start = time.perf_counter()
+            crop = "the centre crop" if view == 0 else f"random crop {view} of {views - 1}"
             feats = compute_features(backbone, preprocessor, todo, view=view, batch_size=batch_size,
-                                     num_workers=num_workers, device=device)
+                                     num_workers=num_workers, device=device, pooling=pooling,
+                                     desc=f"caching {crop} for {len(todo)} photos")
             elapsed = time.perf_counter() - start
             logger.info("cached %d image features (view %d) in %.1fs: %.1f images/s -> %s", len(todo), view,
                         elapsed, len(todo) / max(elapsed, 1e-9), cache.folder)

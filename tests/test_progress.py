@@ -1,0 +1,40 @@
+"""Progress off a terminal: log lines with done/total, rate and ETA from the one reporter."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import transresnet.progress as progress_module
+from transresnet.checkpoint import Checkpoint
+from transresnet.encode import encode_captions
+from transresnet.progress import LogProgress, progress
+
+
+def test_off_a_terminal_progress_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="transresnet.progress"):
+        with progress(4, "caching the centre crop for 4 photos", "photos", interval=0.0) as bar:
+            assert isinstance(bar, LogProgress)  # pytest's captured stderr is not a terminal
+            for _ in range(4):
+                bar.update(1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("caching the centre crop for 4 photos: 1/4 photos (")
+    assert "/s, ETA " in lines[0]
+    assert lines[-1].startswith("caching the centre crop for 4 photos: 4/4 photos") and "done in" in lines[-1]
+
+
+def test_short_steps_stay_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="transresnet.progress"), progress(3, "quick", interval=60) as bar:
+        bar.update(3)
+    assert not caplog.records
+
+
+def test_caption_encoding_reports_progress(tiny_checkpoint: Checkpoint, caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="transresnet.progress"):
+        encode_captions(tiny_checkpoint.model, [f"caption {i}" for i in range(40)], batch_size=8,
+                        precision="float32")
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("encoding 40 captions: 40/40 captions") for line in lines), lines
