@@ -89,8 +89,14 @@ class MicroBatcher(Generic[T, R]):
             raise BatcherClosed(f"the {self.name} worker is shut down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Pending(item, future, loop, time.perf_counter()))
-        return await future
+        pending = _Pending(item, future, loop, time.perf_counter())
+        self._queue.put(pending)
+        try:
+            return await future
+        finally:
+            # A cancelled caller (client gone, stage timeout) leaves the queue: the worker skips its entry and
+            # its item (an image tensor, query vectors) is freed now, not when the worker reaches it.
+            pending.item = None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._closed:
@@ -129,18 +135,23 @@ class MicroBatcher(Generic[T, R]):
                     continue
             if nxt is _STOP:
                 return batch, True
-            batch.append(nxt)
+            if not nxt.future.done():  # abandoned entries take no place in a batch
+                batch.append(nxt)
         return batch, False
 
     def _execute(self, batch: list[_Pending]) -> None:
-        batch = [p for p in batch if not p.future.done()]  # skip callers that already gave up
+        # Skip callers that already gave up; read each item once (a caller may clear it at any moment).
+        live = [(p, p.item) for p in batch if not p.future.done()]
+        batch = [p for p, item in live if item is not None]
+        items = [item for _, item in live if item is not None]
+        del live
         if not batch:
             return
         start = time.perf_counter()
         error: BaseException | None = None
         results: Sequence[Any] = ()
         try:
-            results = self.fn([p.item for p in batch])
+            results = self.fn(items)
             if len(results) != len(batch):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except Exception as err:  # delivered to every caller of this batch; the worker keeps running
@@ -153,6 +164,7 @@ class MicroBatcher(Generic[T, R]):
             info = BatchInfo(size=len(batch), wait_s=start - pending.enqueued, run_s=run_s)
             value = None if error is not None else (results[i], info)
             self._deliver(pending, value, error)
+        del items, results
 
     @staticmethod
     def _deliver(pending: _Pending, value: Any, error: BaseException | None) -> None:

@@ -84,6 +84,11 @@ class RequestTimeout(ServiceError):
     code = "request_timeout"
 
 
+class ClientDisconnected(ServiceError):
+    status_code = 499  # nginx's "client closed request": counted in the metrics, read by nobody
+    code = "client_disconnected"
+
+
 class ReloadFailed(ServiceError):
     status_code = 409
     code = "reload_failed"

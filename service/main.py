@@ -112,6 +112,18 @@ async def unexpected_error_handler(request: Request, err: Exception) -> JSONResp
     return _error_response(request, error)
 
 
+def _document_limits(app: FastAPI, settings: ServiceSettings) -> None:
+    """The OpenAPI schema states this server's limits (built once, on the first GET /openapi.json)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = captions.document_limits(build(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts (``uvicorn`` or ``TestClient`` as context)."""
     settings = settings or ServiceSettings()
@@ -128,6 +140,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
+    _document_limits(app, settings)
     app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -13,6 +13,7 @@ from starlette.types import Message, Receive
 
 from .errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, validation_error
 from .imaging import decode_base64
+from .ranking import Upload
 from .schemas import CaptionsJSONRequest, CaptionsQuery
 from .settings import ServiceSettings
 
@@ -26,7 +27,8 @@ _HOW = ("send multipart/form-data with a file field 'image' and fields 'personal
 
 @dataclass(frozen=True)
 class CaptionsInput:
-    image: bytes
+    image: Upload
+    """The image file's bytes, taken by the pipeline (and then released) exactly once."""
     personalities: list[str]
     k: int
 
@@ -86,13 +88,20 @@ def _missing(field: str, how: str) -> InvalidRequest:
     return InvalidRequest(f"missing field {field!r}: {how}", problems=[{"field": field, "message": how}])
 
 
-async def _read_upload(image: Any, settings: ServiceSettings) -> bytes:
-    if image is None:
+async def _read_upload(images: list[Any], settings: ServiceSettings) -> bytes:
+    if not images:
         raise _missing("image", "attach the photo as a file field named 'image'")
+    if len(images) > 1:
+        raise InvalidRequest(f"{len(images)} 'image' parts sent; send exactly one photo per request",
+                             problems=[{"field": "image", "message": "exactly one file expected"}])
+    image = images[0]
     if not isinstance(image, UploadFile):
         raise InvalidRequest("'image' must be a file upload (multipart/form-data with a filename), not a text "
                              "field; to send base64 use a JSON body with image_base64",
                              problems=[{"field": "image", "message": "expected a file"}])
+    if image.size is not None and image.size > settings.max_upload_bytes:
+        raise ImageTooLarge(f"the image is {image.size:,} bytes; the limit is {settings.max_upload_bytes:,} "
+                            "bytes: send a smaller or more compressed photo")
     data = await image.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ImageTooLarge(f"the image is over the limit of {settings.max_upload_bytes:,} bytes: "
@@ -111,13 +120,16 @@ def _form_fields(form: FormData) -> dict[str, Any]:
 
 
 async def _from_form(request: Request, settings: ServiceSettings) -> CaptionsInput:
+    # Starlette streams the body through its multipart parser chunk by chunk: a file part is spooled (up to
+    # 1 MiB in memory, then a temporary file), every other part is capped at 64 KiB; too many parts or files
+    # is a 400. Two files are let through so that two 'image' parts get a clear 422.
     form = await request.form(max_files=2, max_fields=settings.max_personalities + 8, max_part_size=64 * 1024)
     try:
         query = _validate(_form_fields(form))
-        image = await _read_upload(form.get("image"), settings)
+        image = await _read_upload(form.getlist("image"), settings)
     finally:
         await form.close()
-    return CaptionsInput(image, query.personality, query.k)
+    return CaptionsInput(Upload(image), query.personality, query.k)
 
 
 async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInput:
@@ -126,5 +138,6 @@ async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInp
         payload = CaptionsJSONRequest.model_validate_json(body)
     except ValidationError as err:
         raise validation_error(err.errors()) from None
+    del body
     image = decode_base64(payload.image_base64, settings.max_upload_bytes)
-    return CaptionsInput(image, payload.personality, payload.k)
+    return CaptionsInput(Upload(image), payload.personality, payload.k)

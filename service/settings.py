@@ -39,8 +39,8 @@ class ServiceSettings(BaseSettings):
     the model needs; bigger photos only cost memory and time: downscale them before sending."""
     decode_memory_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
     """Budget for pixels being decoded at once, across all requests (width x height x bytes per pixel read
-    from each header, after JPEG draft scaling); uploads wait for room. Raised to fit one image at
-    ``max_pixels`` x 4 bytes when set lower."""
+    from each header, after JPEG draft scaling, plus the RGB copy); uploads wait for room. One image costing
+    more than the whole budget is decoded alone."""
     max_personalities: int = Field(16, ge=1)
     """Most personalities one request may ask for."""
 
@@ -110,10 +110,6 @@ class ServiceSettings(BaseSettings):
         if not roots:
             roots = [p for p in (self.checkpoint and self.checkpoint.resolve().parent, self.index_root) if p]
         return list(dict.fromkeys(root.resolve() for root in roots))
-
-    @property
-    def effective_decode_memory(self) -> int:
-        return max(self.decode_memory_bytes, self.max_pixels * 4)
 
     @property
     def effective_max_batch(self) -> int:

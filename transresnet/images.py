@@ -9,7 +9,10 @@ calls :func:`to_rgb`), so a photo gives the same pixels on every path:
 - CMYK, greyscale, palette and 16-bit images are converted to 8-bit RGB (16-bit scaled, not clipped);
 - animated images (GIF, WebP, APNG) give their first frame;
 - large JPEGs are decoded by libjpeg at a reduced scale (``draft``), never below twice the short side the
-  preprocessing resizes to, which keeps quality and costs a fraction of a full decode.
+  preprocessing resizes to, which keeps quality and costs a fraction of a full decode;
+- large images of every format are then reduced by an integer factor (PIL ``reduce``, a box filter) right
+  after loading, again never below twice that short side, so a huge PNG is not carried at full size through
+  the conversions and the resize.
 
 :data:`DECODE_VERSION` is part of the feature-cache key: changing any rule above must bump it.
 """
@@ -28,7 +31,7 @@ from torchvision.transforms import v2 as T
 
 from transresnet.config import ImageEncoderConfig
 
-DECODE_VERSION = 2
+DECODE_VERSION = 3
 BACKGROUND = (255, 255, 255)
 """Transparent pixels are shown on white, as a browser shows a transparent photo on a plain page."""
 
@@ -53,19 +56,31 @@ def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
 
 
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F")
+
+
+def _reduce(img: Image.Image, min_side: int) -> Image.Image:
+    """Shrink by the largest integer factor that keeps the short side at least ``2 * min_side``."""
+    if min_side <= 0 or img.mode not in _REDUCIBLE_MODES:
+        return img
+    factor = min(img.size) // (2 * min_side)
+    return img.reduce(factor) if factor >= 2 else img
+
+
 def to_rgb(img: Image.Image, *, min_side: int = 0) -> Image.Image:
     """Decode an opened image into 8-bit RGB by the rules in the module docstring."""
     if img.format == "JPEG" and min_side > 0:
         img.draft("RGB", (2 * min_side, 2 * min_side))
     img.load()
     img = ImageOps.exif_transpose(img) or img
+    img = _reduce(img, min_side)  # palette and 16-bit modes are reduced below, once converted
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = _sixteen_bit_to_8(img)
     if _has_alpha(img):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
+        return _reduce(Image.alpha_composite(canvas, rgba).convert("RGB"), min_side)
+    return _reduce(img if img.mode == "RGB" else img.convert("RGB"), min_side)
 
 
 def load_rgb(source: ImageSource, *, min_side: int = 0) -> Image.Image:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from ..bundle import Bundle
 from ..deps import ResourcesDep
-from ..errors import InvalidRequest, UnknownPersonality
-from ..parsing import parse_captions_request
+from ..errors import ClientDisconnected, InvalidRequest, RequestTimeout, UnknownPersonality
+from ..imaging import supported_formats
+from ..parsing import CaptionsInput, parse_captions_request
 from ..ranking import Ranking
 from ..schemas import (
     CaptionHit,
@@ -23,38 +29,65 @@ from ..schemas import (
     PersonalityRanking,
     Timings,
 )
-from ..settings import MAX_K
+from ..settings import MAX_K, ServiceSettings
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["captions"])
 
 NONE_LABEL = "none"
+Item = TypeVar("Item")
+
+_FORMATS = supported_formats()
+_FORMATS_TEXT = ", ".join(_FORMATS)
 
 # FastAPI cannot derive one operation that takes a form *or* JSON, so the request body is described here.
 _FORM_SCHEMA = {
     "type": "object",
     "required": ["image", "personality"],
     "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP, GIF, BMP or TIFF"},
+        "image": {"type": "string", "format": "binary",
+                  "description": f"Exactly one photo: {_FORMATS_TEXT} (formats this server's Pillow reads)"},
         "personality": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 200},
-                        "minItems": 1, "description": "Repeat the field for several personalities"},
+                        "minItems": 1, "maxItems": ServiceSettings.model_fields["max_personalities"].default,
+                        "description": "Repeat the field for several personalities"},
         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
     },
 }
+
+
+_JSON_SCHEMA = CaptionsJSONRequest.model_json_schema()  # flat: no $defs to resolve
+_JSON_SCHEMA["properties"]["personality"]["maxItems"] = ServiceSettings.model_fields["max_personalities"].default
 _REQUEST_BODY = {
     "required": True,
     "content": {
-        "multipart/form-data": {"schema": _FORM_SCHEMA,
-                                "encoding": {"personality": {"style": "form", "explode": True}}},
-        "application/json": {"schema": CaptionsJSONRequest.model_json_schema()},  # flat: no $defs to resolve
+        "multipart/form-data": {"schema": _FORM_SCHEMA, "encoding": {"personality": {"style": "form",
+                                                                                     "explode": True}}},
+        "application/json": {"schema": _JSON_SCHEMA},
     },
 }
+
+
+def document_limits(schema: dict[str, Any], settings: ServiceSettings) -> dict[str, Any]:
+    """The OpenAPI schema with this server's own ``max_personalities`` as ``maxItems``."""
+    for media in schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"].values():
+        media["schema"]["properties"]["personality"]["maxItems"] = settings.max_personalities
+    return schema
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Image over the byte or pixel limit"},
+    400: {"model": ErrorResponse, "description": "Malformed multipart body, or too many fields or files"},
+    408: {"model": ErrorResponse, "description": "The request body did not arrive within the read timeout"},
+    413: {"model": ErrorResponse, "description": "Body, image bytes or image pixels over the limit"},
     415: {"model": ErrorResponse, "description": "Neither multipart/form-data nor JSON"},
-    422: {"model": ErrorResponse, "description": "Invalid image, unknown personality, k out of range, "
-                                                 "missing field, malformed base64"},
-    503: {"model": ErrorResponse, "description": "Model and index not loaded yet"},
+    422: {"model": ErrorResponse, "description": "Invalid image (accepted: " + _FORMATS_TEXT + "), two image "
+                                                 "parts, unknown personality, too many personalities, k out of "
+                                                 "range, missing field, malformed base64"},
+    431: {"model": ErrorResponse, "description": "Request headers too large or too many (the size limit is "
+                                                 "answered by the server in plain text)"},
+    503: {"model": ErrorResponse, "description": "Model and index not loaded yet, too many requests in flight, "
+                                                 "or a stage timed out; retry after the Retry-After seconds",
+          "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
+                                      "schema": {"type": "integer"}}}},
 }
 
 
@@ -83,12 +116,22 @@ def _trait_label(bundle: Bundle, slot: int) -> str:
     return NONE_LABEL if slot == 0 else bundle.traits.name_of(slot)
 
 
+def _finite(hits: Sequence[Any], bundle: Bundle) -> list[Any]:
+    """Hits with a finite score. A NaN or infinite score means a damaged index or model (the index refuses
+    non-finite vectors at build and load); it has no rank, so it is dropped and logged, never sent as null."""
+    kept = [h for h in hits if math.isfinite(float(h.score))]
+    if len(kept) < len(hits):
+        logger.error("dropped %d non-finite scores from index %r: rebuild the index with `transresnet index "
+                     "build`", len(hits) - len(kept), str(bundle.index.version))
+    return kept
+
+
 def build_response(bundle: Bundle, names: Sequence[str], slots: Sequence[int], k: int,
                    ranking: Ranking) -> CaptionsResponse:
     results = [
         PersonalityRanking(requested=name, personality=_trait_label(bundle, slot),
                            captions=[CaptionHit(id=str(h.id), caption=h.caption, score=float(h.score),
-                                                metadata=dict(h.metadata or {})) for h in hits])
+                                                metadata=dict(h.metadata or {})) for h in _finite(hits, bundle)])
         for name, slot, hits in zip(names, slots, ranking.hits, strict=True)
     ]
     ms = {f"{stage}_ms": round(seconds * 1000.0, 3) for stage, seconds in ranking.timings_s.items()}
@@ -103,16 +146,52 @@ def build_response(bundle: Bundle, names: Sequence[str], slots: Sequence[int], k
     summary="Rank captions for a photo in one or more personalities",
     responses=_ERRORS,
     openapi_extra={"requestBody": _REQUEST_BODY},
+    description="Send a photo and personalities as multipart/form-data (`image`, `personality` repeated, `k`) "
+                "or as JSON (`image_base64`, `personality`, `k`). The image is encoded once for all "
+                f"personalities. Accepted image formats: {_FORMATS_TEXT}. Beyond the server's limit of "
+                "requests in flight the answer is 503 with Retry-After, at once.",
 )
 async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsResponse:
-    """Send a photo and personalities as multipart/form-data (`image`, `personality` repeated, `k`) or as
-    JSON (`image_base64`, `personality`, `k`). The image is encoded once for all personalities."""
     settings = resources.settings
-    query = await parse_captions_request(request, settings)
-    bundle = resources.bundle  # held for the whole request: a reload never changes it under us
-    slots = resolve_personalities(bundle, query.personalities, settings.max_personalities)
-    k = min(query.k, len(bundle.index))
-    ranking = await resources.ranker.rank(bundle, query.image, slots, k)
+    with resources.ranker.admission.slot():  # 503 at once when full: before a byte of the body is read
+        query = await _read_request(request, settings)
+        bundle = resources.bundle  # held for the whole request: a reload never changes it under us
+        slots = resolve_personalities(bundle, query.personalities, settings.max_personalities)
+        k = min(query.k, len(bundle.index))
+        ranking = await until_disconnected(request, resources.ranker.rank(bundle, query.image, slots, k))
     resources.metrics.personalities.inc(len(slots))
     return build_response(bundle, query.personalities, slots, query.k, ranking)
 
+
+async def _read_request(request: Request, settings: ServiceSettings) -> CaptionsInput:
+    try:
+        async with asyncio.timeout(settings.read_timeout_s):
+            return await parse_captions_request(request, settings)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client closed the connection while sending the request") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {settings.read_timeout_s:g}s; send it "
+                             "faster or smaller", headers={"Connection": "close"}) from None
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, Item]) -> Item:
+    """Run ``work`` while watching the connection; if the client goes away first, ``work`` is cancelled (it
+    leaves whichever stage or queue it is in) and ``ClientDisconnected`` is raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected("the client closed the connection before the answer was ready")
+    return task.result()

@@ -17,7 +17,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = {
         "checkpoint": args.checkpoint, "index_root": args.index, "host": args.host, "port": args.port,
         "device": args.device, "max_batch": args.max_batch, "max_search_batch": args.max_search_batch,
-        "max_wait_ms": args.max_wait_ms,
+        "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
     }
     if args.no_batching:
@@ -58,14 +58,14 @@ def _serve(args: argparse.Namespace) -> int:
     _check_paths(settings.checkpoint, settings.index_root)
 
     from transresnet.service.main import create_app
+    from transresnet.service.server import server_options
 
     app = create_app(settings)
     shown_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{shown_host}:{settings.port}"
     logger.info("web page: %s/   API docs: %s/docs", base, base)
     logger.info("try: %s", _curl_example(base))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    uvicorn.run(app, **server_options(settings))
     return 0
 
 
@@ -83,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-batch", type=int, help="most images encoded together (default 4; 32+ on a GPU)")
     serve.add_argument("--max-search-batch", type=int, help="most requests searched together (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--max-in-flight", type=int,
+                       help="caption requests admitted at once; beyond it 503 with Retry-After (default 48)")
     serve.add_argument("--no-batching", action="store_true", help="encode and search one request at a time")
     serve.add_argument("--threads", type=int, help="torch CPU threads for image encoding (default: torch's)")
     serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demo (default .cache/demo)")
