@@ -38,3 +38,15 @@ def test_caption_encoding_reports_progress(tiny_checkpoint: Checkpoint, caplog: 
                         precision="float32")
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("encoding 40 captions: 40/40 captions") for line in lines), lines
+
+
+def test_third_party_progress_bars_stay_out_of_normal_output(tiny_text_model) -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("from transresnet.runtime import apply_runtime_defaults; apply_runtime_defaults(); "
+            f"from transformers import AutoModel; AutoModel.from_pretrained({str(tiny_text_model)!r})")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "Loading weights" not in result.stderr and "%|" not in result.stderr

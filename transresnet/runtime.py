@@ -17,6 +17,9 @@ RUNTIME_DEFAULTS = {
     "OMP_WAIT_POLICY": "PASSIVE",
     # Tokenizers' own thread pool deadlocks after a fork (DataLoader workers, uvicorn reloads).
     "TOKENIZERS_PARALLELISM": "false",
+    # transformers' "Loading weights" bars and info lines mean nothing to a user of this tool.
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

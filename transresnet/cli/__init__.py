@@ -20,6 +20,15 @@ from transresnet.runtime import apply_runtime_defaults
 logger = logging.getLogger("transresnet")
 
 COMMANDS = (train, evaluate, index, serve)
+EXAMPLES = """examples:
+  transresnet serve                                   the embedded demo on http://127.0.0.1:8000
+  transresnet train --config configs/flickr8k.yaml --out runs/flickr8k
+  transresnet index build --checkpoint runs/flickr8k/best --captions captions.csv --out indexes/flickr8k
+  transresnet index query --checkpoint runs/flickr8k/best --index indexes/flickr8k --image photo.jpg \\
+      --personality Sweet
+  transresnet eval --checkpoint runs/flickr8k/best --data captions.csv --split val --out reports/val
+  transresnet COMMAND --help                          every flag of a command
+"""
 QUIET_LOGGERS = ("httpx", "urllib3", "PIL", "matplotlib", "filelock", "faiss.loader", "huggingface_hub")
 
 
@@ -33,6 +42,7 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+
 def _version() -> str:
     try:
         return metadata.version("transresnet")
@@ -41,7 +51,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transresnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="transresnet", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"transresnet {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
