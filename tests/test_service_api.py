@@ -313,3 +313,42 @@ def test_admin_disabled_without_configured_token(service_settings):
 
     with TestClient(create_app(service_settings.model_copy(update={"admin_token": None}))) as other:
         assert_error(other.post("/v1/admin/reload"), 403, "admin_disabled", "TRANSRESNET_ADMIN_TOKEN")
+
+
+# ------------------------------------------------------------------------------------------ API contract
+
+def test_two_image_parts_are_422(client):
+    files = [("image", ("a.jpg", JPEG, "image/jpeg")), ("image", ("b.jpg", image_bytes(seed=1), "image/jpeg"))]
+    response = client.post("/v1/captions", files=files, data={"personality": "Sweet"})
+    assert_error(response, 422, "invalid_request", "2 'image' parts", "exactly one")
+
+
+def test_openapi_example_is_a_valid_request(client):
+    schema = client.get("/openapi.json").json()
+    json_body = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    [example] = json_body["examples"]
+    response = client.post("/v1/captions", json=example)
+    assert response.status_code == 200, response.text
+
+
+def test_openapi_documents_every_status_and_limit(client, service_settings):
+    operation = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]
+    assert {"200", "400", "413", "415", "422", "431", "503"} <= set(operation["responses"])
+    assert "Retry-After" in operation["responses"]["503"]["headers"]
+    for media in operation["requestBody"]["content"].values():
+        assert media["schema"]["properties"]["personality"]["maxItems"] == service_settings.max_personalities
+
+
+def test_every_accepted_format_is_named_in_docs_and_errors(client):
+    from PIL import features
+    from transresnet.service.imaging import supported_formats
+
+    formats = supported_formats()
+    if features.check("avif"):
+        assert "AVIF" in formats
+    operation = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]
+    image_doc = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["image"]
+    message = post_form(client, b"not an image at all").json()["message"]
+    for fmt in formats:
+        assert fmt in image_doc["description"] and fmt in operation["description"]
+        assert fmt.lower() in message.lower(), message
