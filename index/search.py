@@ -40,6 +40,8 @@ from .store import (
     read_current,
     read_manifest,
     resolve_version_dir,
+    stays_inside_versions,
+    version_name_problem,
     versions_dir,
 )
 from .verify import open_version
@@ -353,6 +355,9 @@ def _load_fallback(root: Path, wanted: str | None, err: IndexLoadError, **kwargs
     skipped: list[str] = []
     for name in reversed(list_versions(root)):
         if name == wanted:
+            continue
+        if version_name_problem(name) is not None or not stays_inside_versions(root, name):
+            logger.warning("fallback skips %r in %s: not a plain version directory", name, versions_dir(root))
             continue
         try:
             caption_index = load_version(versions_dir(root) / name, **kwargs)

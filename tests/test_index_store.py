@@ -176,13 +176,17 @@ def test_current_must_name_a_version_inside_versions(root: Path, pointer: str, m
 
 def test_current_naming_a_symlink_out_of_versions_is_refused(root: Path, tmp_path: Path) -> None:
     outside = tiny_version(tmp_path / "other")  # a complete, valid version, but in another root
-    tiny_version(root)
+    inside = tiny_version(root)
     (root / "versions" / "escape").symlink_to(outside, target_is_directory=True)
     (root / "CURRENT").write_text("escape\n")
     with pytest.raises(IndexLoadError, match="resolves outside"):
         load_index(root)
     with pytest.raises(IndexLoadError, match="resolves outside"):
         store.set_current(root, "escape")
+    (root / "versions" / "zzz-newest").symlink_to(outside, target_is_directory=True)  # sorts newest
+    (root / "CURRENT").write_text("missing\n")
+    served = load_index(root, fallback=True)  # never one of the symlinks out of versions/
+    assert served.version == inside.name and served.fallback.wanted == "missing"
 
 
 def test_current_naming_a_missing_version_says_how_to_fix(root: Path) -> None:
