@@ -244,8 +244,11 @@ class RootCheck:
 
 
 def _verify_listed(root: Path, name: str, *, current: bool, checksums: bool) -> VersionCheck:
-    if not store.stays_inside_versions(root, name):
-        return VersionCheck(version=name, ok=False, current=current, reason=f"resolves outside {store.VERSIONS}/")
+    problem = store.version_name_problem(name)
+    if problem is None and not store.stays_inside_versions(root, name):
+        problem = f"resolves outside {store.VERSIONS}/"
+    if problem is not None:
+        return VersionCheck(version=name, ok=False, current=current, reason=f"the name {problem}")
     return verify_version(store.versions_dir(root) / name, current=current, checksums=checksums)
 
 
