@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transresnet.config import ModelConfig
+from transresnet.config import ExperimentConfig, ModelConfig
 from transresnet.encoders import (
     ImageMLP,
     PersonalityEncoder,
@@ -23,6 +23,23 @@ from transresnet.encoders import (
     create_text_encoder,
 )
 from transresnet.traits import TraitVocab
+
+
+def _hub_snapshot(name: str, *, revision: str | None, cache_dir: str | Path | None, token: str | None,
+                  error: type[Exception]) -> Path:
+    """Download (or find in the local cache) a hub repository; a clear error when that is not possible."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise error(f"checkpoint directory {name} not found")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, cache_dir=cache_dir, token=token))
+    except LocalEntryNotFoundError:
+        raise error(f"{name} is neither a checkpoint directory nor a hub repository in the local cache, and "
+                    "the hub is not reachable (offline, or HF_HUB_OFFLINE=1): pass a checkpoint directory") from None
+    except (HfHubHTTPError, ValueError) as err:
+        raise error(f"could not fetch {name} from the Hugging Face Hub: {err}") from None
 
 
 class TransResNet(nn.Module):
@@ -43,6 +60,29 @@ class TransResNet(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.config.hidden_dim
+
+    def save_pretrained(self, directory: str | Path, *, config: ExperimentConfig | None = None) -> Path:
+        """Save as a checkpoint directory (``from_pretrained`` and ``transresnet serve`` load it).
+
+        ``config``: the experiment config to record; by default one holding just this model's section.
+        """
+        from transresnet.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, config or ExperimentConfig(model=self.config), directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, device: str | torch.device = "cpu",
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | None = None) -> TransResNet:
+        """A checkpoint directory, or a Hugging Face Hub repository holding one (downloaded with
+        ``huggingface_hub.snapshot_download``; a local directory never touches the network)."""
+        from transresnet.checkpoint import CheckpointError, load_checkpoint
+
+        path = Path(name_or_path)
+        if not path.is_dir():
+            path = _hub_snapshot(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                                 error=CheckpointError)
+        return load_checkpoint(path, device=device).model
 
     @property
     def device(self) -> torch.device:
