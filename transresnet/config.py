@@ -91,8 +91,67 @@ class ModelConfig(_Strict):
     init_temperature: float = Field(0.07, gt=0.0)
     """Initial softmax temperature for cosine scoring."""
 
+Family = Literal["retrieval", "showtell", "showatttell", "updown"]
+"""retrieval: TransResNet (ranks fixed captions); the others write captions (``transresnet.generation``)."""
+
+
+class CaptionVocabConfig(_Strict):
+    level: Literal["word", "char"] = "word"
+    """word: lower-cased, punctuation-stripped words; char: the characters of that text (min-char-rnn)."""
+    min_count: int = Field(3, ge=1)
+    """Words seen fewer times in the training captions become <unk>."""
+    max_size: int = Field(10000, ge=8)
+    max_tokens: int = Field(20, ge=2)
+    """Training captions are cut to this many tokens (before <eos>)."""
+
+
+class DecodingConfig(_Strict):
+    method: Literal["greedy", "sample", "beam"] = "beam"
+    beam_size: int = Field(3, ge=1, le=64)
+    length_penalty: Literal["none", "avg", "wu"] = "wu"
+    """How beam search ranks finished captions: raw log-probability, its mean per token, or Wu et al.'s
+    ((5 + length) / 6) ** alpha."""
+    alpha: float = Field(0.7, ge=0.0)
+    min_length: int = Field(1, ge=0)
+    """Fewest words before <eos> may be chosen."""
+    max_length: int = Field(20, ge=1)
+    """Most words; <eos> is forced after them."""
+    no_repeat_ngram: int = Field(0, ge=0)
+    """Block any n-gram of this size from repeating within a caption (0 = off)."""
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class DecoderConfig(_Strict):
+    """The generative families' decoder (used when model.family is not retrieval)."""
+
+    cell: Literal["rnn", "gru", "lstm"] = "lstm"
+    """rnn: vanilla tanh RNN; gru; lstm."""
+    embed_dim: int = Field(256, ge=4)
+    hidden_dim: int = Field(512, ge=4)
+    feature_dim: int = Field(512, ge=4)
+    """Width the backbone's grid features are projected to."""
+    attention_dim: int = Field(256, ge=4)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    image_input: Literal["init_state", "first_input"] = "init_state"
+    """ShowTell: the image initialises the state, or is the input of a step before <bos>."""
+    image_every_step: bool = False
+    """ShowTell: also feed the image at every step (the lecture's h = tanh(Wxh x + Whh h + Wih v))."""
+    trait_dim: int = Field(64, ge=1)
+    """Width of the trait embedding fed at every step (model.personality.enabled: false drops it)."""
+    trait_in_init: bool = False
+    """Also add the trait into the decoder's initial state."""
+    vocab: CaptionVocabConfig = Field(default_factory=CaptionVocabConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    """Decoding for evaluation (training validates greedily)."""
+
+
 
 class DataConfig(_Strict):
+    family: Family = "retrieval"
+    """Which model: the retrieval TransResNet, or a caption generator (showtell, showatttell, updown)."""
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     train: str | None = None
     """Training data: CSV, Personality-Captions JSON or Karpathy dataset.json."""
     train_split: str | None = "train"
@@ -146,6 +205,10 @@ class ExperimentConfig(_Strict):
         if self.data.augment_crops and not self.model.image.freeze_backbone:
             raise ValueError("data.augment_crops needs model.image.freeze_backbone: true (crops are cached features)")
         return self
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Generators: label smoothing of the word cross entropy."""
+    grad_clip: float | None = Field(5.0, gt=0.0)
+    """Generators: clip the gradient norm to this (None = no clipping)."""
 
 
 class ConfigError(ValueError):
@@ -158,6 +221,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
+        if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
+            raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
+                             "read cached grid features)")
             raise ConfigError(f"cannot set {dotted!r}: {key!r} is a value, not a section")
         node = child
     node[leaf] = value

@@ -1,0 +1,127 @@
+"""Captioning metrics: BLEU-1..4, ROUGE-L and CIDEr-D (pycocoevalcap's pure-Python scorers), METEOR when
+Java is present, vocabulary usage, and how often a caption carries its trait's voice.
+
+Every caption is first put through the one tokenisation (:func:`transresnet.generation.vocab.normalize`:
+lower case, punctuation stripped), the role of the PTB tokenizer in the COCO toolkit. pycocoevalcap's
+``Cider`` is CIDEr-D as the COCO server computes it: clipped n-gram counts, a Gaussian length penalty with
+sigma 6, document frequencies from the references of the evaluated split, scaled by 10. Scores are
+reported x 100 (CIDEr-D 45 = 0.45 in pycocoevalcap's units). SPICE needs Stanford models downloaded at
+first use and is out of reach offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+
+from transresnet.generation.vocab import normalize
+
+logger = logging.getLogger(__name__)
+
+EMPTY = "<empty>"
+"""Stands in for an empty caption (ROUGE-L divides by the caption's length); it matches no reference word."""
+METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d")
+
+
+def _scorers():
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+    except ImportError:  # pragma: no cover - the dev extra installs it
+        raise ImportError("captioning metrics need pycocoevalcap: pip install pycocoevalcap "
+                          "(or the project's dev extra)") from None
+    return Bleu, Rouge, Cider
+
+
+def tokenized_inputs(references: Mapping[Hashable, Sequence[str]],
+                     hypotheses: Mapping[Hashable, str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The scorers' inputs: {id: [normalized references]} and {id: [normalized hypothesis]}."""
+    if set(references) != set(hypotheses):
+        raise ValueError("references and hypotheses must cover the same ids")
+    keys = list(references)
+    gts = {str(i): [normalize(r) or EMPTY for r in references[k]] for i, k in enumerate(keys)}
+    res = {str(i): [normalize(hypotheses[k]) or EMPTY] for i, k in enumerate(keys)}
+    return gts, res
+
+
+def caption_scores(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
+                   meteor: bool = False) -> dict[str, float]:
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D (x 100) of one hypothesis per id against its references."""
+    if not references:
+        return dict.fromkeys(METRIC_KEYS, 0.0)
+    Bleu, Rouge, Cider = _scorers()
+    gts, res = tokenized_inputs(references, hypotheses)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    scores = {f"bleu_{n + 1}": 100 * float(b) for n, b in enumerate(bleu)}
+    scores.update(rouge_l=100 * float(rouge), cider_d=100 * float(cider))
+    if meteor:
+        scores["meteor"] = meteor_score(gts, res)
+    return scores
+
+
+def meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float | None:
+    """METEOR 1.5 (pycocoevalcap's Java scorer) x 100, or None where Java is not installed."""
+    if shutil.which("java") is None:
+        logger.info("METEOR skipped: no java on PATH")
+        return None
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()  # a Java subprocess, ended when the scorer is collected (its __del__)
+    value, _ = scorer.compute_score(gts, res)
+    del scorer
+    return 100 * float(value)
+
+
+def vocabulary_usage(captions: Iterable[str], training_captions: Iterable[str]) -> dict[str, float]:
+    """Distinct words used, mean length, and % of captions that are not a training caption verbatim."""
+    generated = [normalize(c) for c in captions]
+    seen = {normalize(c) for c in training_captions}
+    words = Counter(w for c in generated for w in c.split())
+    total = max(len(generated), 1)
+    return {"distinct_words": len(words), "distinct_captions": len(set(generated)),
+            "mean_length": sum(len(c.split()) for c in generated) / total,
+            "novel_pct": 100 * sum(c not in seen for c in generated) / total}
+
+
+class VoiceClassifier:
+    """Multinomial naive Bayes over caption words and bigrams, trained on the training captions' traits.
+
+    Judges whether a generated caption is written in its trait's voice (synthetic and voiced data only).
+    """
+
+    def __init__(self, captions: Sequence[str], traits: Sequence[str]) -> None:
+        self.counts: dict[str, Counter] = defaultdict(Counter)
+        prior: Counter = Counter()
+        for caption, trait in zip(captions, traits, strict=True):
+            self.counts[trait].update(self._features(caption))
+            prior[trait] += 1
+        self.vocab = {f for c in self.counts.values() for f in c}
+        self.log_prior = {t: math.log(n / len(captions)) for t, n in prior.items()}
+        self.totals = {t: sum(c.values()) for t, c in self.counts.items()}
+
+    @staticmethod
+    def _features(caption: str) -> list[str]:
+        words = normalize(caption).split()
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+
+    def predict(self, caption: str) -> str:
+        feats = [f for f in self._features(caption) if f in self.vocab]
+        size = len(self.vocab)
+
+        def log_likelihood(trait: str) -> float:
+            counts, total = self.counts[trait], self.totals[trait]
+            return self.log_prior[trait] + sum(math.log((counts[f] + 1) / (total + size)) for f in feats)
+
+        return max(self.counts, key=log_likelihood)
+
+    def accuracy(self, captions: Sequence[str], traits: Sequence[str]) -> float:
+        """% of captions whose predicted voice is their trait."""
+        if not captions:
+            return 0.0
+        return 100 * sum(self.predict(c) == t for c, t in zip(captions, traits, strict=True)) / len(captions)
