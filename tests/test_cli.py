@@ -89,3 +89,18 @@ def test_the_synthetic_config_trains_as_written_on_a_fresh_clone(tiny_text_model
     assert main([*args, *[part for item in small for part in ("--set", item)]]) == 0
     assert (tmp_path / ".cache" / "synthetic" / "captions.csv").is_file()
     assert load_checkpoint(tmp_path / "run" / "best").traits.lookup("Sweet") > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", str(CONFIGS_DIR / "flickr8k.yaml"), "--out", "run", "--set", "data.train=/nope.csv"],
+    ["train", "--config", str(CONFIGS_DIR / "synthetic.yaml"), "--out", "run", "--set", "train.epoch=3"],
+    ["eval", "--checkpoint", "/nope", "--data", "/nope.csv", "--out", "out"],
+    ["index", "build", "--checkpoint", "/nope", "--captions", "/nope.txt", "--out", "out"],
+])
+def test_wrong_inputs_fail_before_torch_loads(argv: list[str], tmp_path: Path) -> None:
+    code = ("import sys; from transresnet.cli import main; rc = main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'faiss', 'transformers') if m in sys.modules]; "
+            "assert rc == 2 and not heavy, (rc, heavy)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in result.stderr.splitlines() if "ERROR" in line]) == 1

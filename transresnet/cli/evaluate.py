@@ -13,6 +13,10 @@ logger = logging.getLogger(__name__)
 
 def _eval(args: argparse.Namespace) -> int:
     options = from_namespace(EvalOptions, args)  # validated before torch loads
+    for flag, path, kind in (("--checkpoint", options.checkpoint, "directory"), ("--data", options.data, "file"),
+                             ("--index", options.index, "directory")):
+        if path is not None and not (path.is_dir() if kind == "directory" else path.is_file()):
+            raise FileNotFoundError(f"{flag} {path}: no such {kind}")
 
     import torch
 

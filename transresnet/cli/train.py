@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transresnet.options import Device, choices
+
+if TYPE_CHECKING:
+    from transresnet.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -19,11 +23,37 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_inputs(config: ExperimentConfig) -> None:
+    """Every file the config names exists and every split it names is in its data: checked before torch
+    loads, so a wrong path answers at once. Data that ``data.synthesize`` will draw is not checked."""
+    from transresnet.data import load_dataset
+
+    data, image = config.data, config.model.image
+    drawn = data.synthesize is not None and data.train is not None and not Path(data.train).exists()
+    drawn_folder = Path(data.train).parent.resolve() if drawn and data.train else None
+
+    def will_exist(path: str) -> bool:
+        return drawn_folder is not None and Path(path).resolve().parent == drawn_folder
+
+    named = {"data.train": data.train, "data.val": data.val, "data.test": data.test,
+             "model.image.weights": image.weights,
+             "model.personality.traits_file": config.model.personality.traits_file}
+    for key, path in named.items():
+        if path and not will_exist(path) and not Path(path).exists():
+            raise FileNotFoundError(f"{key} names {path}, which does not exist (set it with --set {key}=PATH)")
+    for key, path, split in (("data.train_split", data.train, data.train_split),
+                             ("data.val_split", data.val or data.train, data.val_split)):
+        if path and split and not will_exist(path):
+            if not load_dataset(path, split=split, require_images=False).records:
+                raise ValueError(f"{path} has no records of split {split!r} ({key}); check the split column")
+
+
 def _train(args: argparse.Namespace) -> int:
     from transresnet.config import load_config
 
     overrides = list(args.set) + ([f"train.device={args.device}"] if args.device else [])
     config = load_config(args.config, overrides)  # checked before torch loads: a typo answers at once
+    check_inputs(config)
 
     import torch
 
