@@ -2,7 +2,8 @@
 
 Each image shows 1-4 shapes of one kind, colour and size on one of a few backgrounds. Each of ten
 personality voices (trait names from Personality-Captions) describes that content in its own wording,
-so ranking the right caption needs both the image (which content) and the trait (which voice).
+so ranking the right caption needs both the image (which content) and the trait (which voice). The
+voices are defined once, in :mod:`transresnet.voices` (which also voices real captions).
 
 Layout of ``out_dir``::
 
@@ -15,7 +16,6 @@ Layout of ``out_dir``::
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -27,6 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from transresnet.voices import (  # noqa: F401  (VOICE_TEMPLATES: re-exported for callers of this module)
+    VOICE_TEMPLATES,
+    VOICES,
+    atomic_write_csv,
+    atomic_write_text,
+    num_templates,
+    template_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,58 +65,6 @@ BACKGROUNDS = ("white", "black", "striped", "checkered")
 
 NUM_CONTENT_COMBOS = len(SHAPES) * len(COLORS) * len(COUNTS) * len(SIZES) * len(BACKGROUNDS)  # 1152
 
-# --------------------------------------------------------------------------------------------------
-# Voices: trait names as written in Personality-Captions' personalities.txt
-# ``{things}`` = "two big red stars", ``{Things}`` capitalised, ``{bg}`` = background.
-# --------------------------------------------------------------------------------------------------
-
-VOICE_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "Sarcastic": (
-        "Oh wow, {things} on a {bg} background. Truly groundbreaking art.",
-        "Sure, because the world desperately needed {things} on a {bg} background. Riveting.",
-        "Great, {things} against a {bg} backdrop. I am clearly speechless.",
-    ),
-    "Sweet": (
-        "Aww, {things} resting on a lovely {bg} background, so precious!",
-        "What a sweet little picture: {things} on a soft {bg} background, bless them.",
-        "This picture of {things} on a {bg} background warms my heart, how adorable.",
-    ),
-    "Angry": (
-        "Ugh, {things} on a {bg} background?! This makes me furious!",
-        "Who put {things} on this stupid {bg} background? I hate it!",
-        "I am so sick of seeing {things} on a {bg} background, get it away from me!",
-    ),
-    "Cheerful": (
-        "Yay! {Things} on a bright {bg} background, what a fun day!",
-        "Look at that, {things} dancing on a {bg} background, it makes me smile!",
-        "Hooray for {things} on a happy {bg} background, life is good!",
-    ),
-    "Anxious": (
-        "Um, {things} on a {bg} background... is this safe? I'm a bit nervous.",
-        "I can't stop worrying about the {things} on that {bg} background, what if something goes wrong?",
-    ),
-    "Romantic": (
-        "{Things} on a {bg} background, as lovely as a candlelit dinner with you, my darling.",
-        "My love, seeing {things} on this {bg} background reminds me of our first kiss.",
-    ),
-    "Scholarly": (
-        "Observe: {things}, a classic study in geometry, rendered upon a {bg} background.",
-        "According to my research, the composition contains {things} arranged on a {bg} background.",
-    ),
-    "Gloomy": (
-        "Just {things} on a {bg} background, as empty and dreary as everything else.",
-        "{Things} on a {bg} background... nothing ever changes, and nothing ever will.",
-    ),
-    "Childish": (
-        "Hee hee, I see {things} on a {bg} background, me wanna play with them!",
-        "Mommy look, {things} on a {bg} background! Can I have them, pleeease?",
-    ),
-    "Businesslike": (
-        "Inventory: {things} on a {bg} background. Proceed to the next item.",
-        "Deliverable summary: {things}, {bg} background, quality acceptable.",
-    ),
-}
-VOICES: tuple[str, ...] = tuple(VOICE_TEMPLATES)
 
 
 @dataclass(frozen=True)
@@ -134,12 +91,10 @@ def sample_attributes(rng: random.Random) -> ImageAttributes:
 
 def render_caption(attrs: ImageAttributes, voice: str, template_index: int = 0) -> str:
     """The caption of ``attrs`` in ``voice`` using that voice's template number ``template_index``."""
-    if voice not in VOICE_TEMPLATES:
-        raise ValueError(f"unknown voice {voice!r}; valid voices: {', '.join(VOICES)}")
-    templates = VOICE_TEMPLATES[voice]
+    template = template_for(voice, template_index)
     shape = attrs.shape if attrs.count == 1 else SHAPES[attrs.shape]
     things = f"{COUNTS[attrs.count]} {attrs.size} {attrs.color} {shape}"
-    return templates[template_index % len(templates)].format(
+    return template.synthetic.format(
         things=things,
         Things=things[0].upper() + things[1:],
         bg=attrs.background,
@@ -261,14 +216,14 @@ def generate_synthetic_dataset(
         rng = random.Random(f"transresnet-synth:{seed}:{index}")
         images.append(_make_image(out_dir / "images", image_id, splits[index], rng, image_size))
 
-    _atomic_write_text(out_dir / "personalities.txt", "".join(f"{v}\n" for v in VOICES))
-    _write_csv(out_dir / "attributes.csv", ["image", "split", "shape", "color", "count", "size", "background"],
+    atomic_write_text(out_dir / "personalities.txt", "".join(f"{v}\n" for v in VOICES))
+    atomic_write_csv(out_dir / "attributes.csv", ["image", "split", "shape", "color", "count", "size", "background"],
                ([f"{im.image_id}.jpg", im.split, *astuple(im.attrs)] for im in images))
     for split in ("val", "test"):
         records = _candidate_records([im for im in images if im.split == split], num_candidates, seed)
-        _atomic_write_text(out_dir / f"{split}.json", json.dumps(records, indent=1))
+        atomic_write_text(out_dir / f"{split}.json", json.dumps(records, indent=1))
     csv_path = out_dir / "captions.csv"
-    _write_csv(csv_path, ["image", "split", "caption", "personality"],
+    atomic_write_csv(csv_path, ["image", "split", "caption", "personality"],
                ([f"{im.image_id}.jpg", im.split, caption, voice]
                 for im in images for voice, caption in im.captions.items()))
 
@@ -317,7 +272,7 @@ def _make_image(folder: Path, image_id: str, split: str, rng: random.Random, ima
     tmp = folder / f".{image_id}.jpg.tmp"
     image.save(tmp, format="JPEG", quality=90, subsampling=0)
     os.replace(tmp, folder / f"{image_id}.jpg")
-    captions = {v: render_caption(attrs, v, rng.randrange(len(VOICE_TEMPLATES[v]))) for v in VOICES}
+    captions = {v: render_caption(attrs, v, rng.randrange(num_templates(v))) for v in VOICES}
     return _SynthImage(image_id=image_id, split=split, attrs=attrs, captions=captions)
 
 
@@ -357,7 +312,7 @@ def _candidates(im: _SynthImage, gold: str, pool: Sequence[tuple[ImageAttributes
         attempts += 1
         voice, attrs = rng.choice(VOICES), sample_attributes(rng)
         if attrs != im.attrs:
-            _extend_unique(chosen, [render_caption(attrs, voice, rng.randrange(len(VOICE_TEMPLATES[voice])))], n)
+            _extend_unique(chosen, [render_caption(attrs, voice, rng.randrange(num_templates(voice)))], n)
     candidates = list(chosen)
     rng.shuffle(candidates)
     return candidates
@@ -368,23 +323,3 @@ def _extend_unique(chosen: dict[str, None], captions: Iterable[str], n: int) -> 
         if len(chosen) >= n:
             return
         chosen.setdefault(caption, None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing files
-# --------------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)

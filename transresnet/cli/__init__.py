@@ -14,12 +14,12 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from transresnet.cli import evaluate, index, serve, train
+from transresnet.cli import data, evaluate, index, serve, train
 from transresnet.runtime import apply_runtime_defaults
 
 logger = logging.getLogger("transresnet")
 
-COMMANDS = (train, evaluate, index, serve)
+COMMANDS = (data, train, evaluate, index, serve)
 EXAMPLES = """examples:
   transresnet serve                                   the embedded demo on http://127.0.0.1:8000
   transresnet train --config configs/flickr8k.yaml --out runs/flickr8k

@@ -1,4 +1,4 @@
-"""``transresnet data synth`` and ``transresnet train`` (heavy imports happen in the handlers)."""
+"""``transresnet train`` (heavy imports happen in the handlers; the ``data`` tools are in cli/data.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,6 @@ if TYPE_CHECKING:
     from transresnet.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
-
-
-def _synth(args: argparse.Namespace) -> int:
-    from transresnet.synth import generate_synthetic_dataset
-
-    csv_path = generate_synthetic_dataset(Path(args.out), args.images, seed=args.seed, image_size=args.image_size)
-    logger.info("wrote %s", csv_path)
-    return 0
 
 
 def check_inputs(config: ExperimentConfig) -> None:
@@ -67,15 +59,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    data = subparsers.add_parser("data", help="dataset tools")
-    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    synth = data_sub.add_parser("synth", help="generate the synthetic personality-caption dataset")
-    synth.add_argument("--out", required=True, help="output folder (images/, captions.csv, val.json, test.json)")
-    synth.add_argument("--images", type=int, default=2000, help="number of images to draw (default: 2000)")
-    synth.add_argument("--seed", type=int, default=0, help="seed of the drawing (default: 0)")
-    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels (default: 64)")
-    synth.set_defaults(func=_synth)
-
     train = subparsers.add_parser("train", help="train a model from a YAML config")
     train.add_argument("--config", required=True, help="YAML setup, e.g. configs/synthetic.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
