@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 class HardenedH11Protocol(H11Protocol):
     header_timeout_s: float = 10.0
-    """Longest the request line and headers may take to arrive, from the connection or the last response."""
+    """Longest the request line and headers may take to arrive: from the connection for the first request,
+    from the first byte for the next ones (an idle kept-alive connection is uvicorn's ``timeout_keep_alive``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,11 +58,8 @@ class HardenedH11Protocol(H11Protocol):
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:  # the headers are in (or the connection failed)
             self._cancel_header_timer()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_header_timer()  # the next request's headers get the same time
+        elif self._header_timer is None and not self.transport.is_closing():
+            self._arm_header_timer()  # a next request has begun on a kept-alive connection
 
     def send_400_response(self, msg: str) -> None:
         """h11 refused the request; an over-long head (h11 keeps it unconsumed) gets 431, the rest 400."""

@@ -433,3 +433,13 @@ def test_non_finite_scores_never_reach_the_response(service_settings):
         assert "null" not in response.text and "NaN" not in response.text
         scores = [c["score"] for c in response.json()["results"][0]["captions"]]
         assert len(scores) == 2 and np.isfinite(scores).all()
+
+
+def test_header_timeout_does_not_cut_idle_keep_alive_short(service_settings):
+    with Served(service_settings, header_timeout_s=0.5, keep_alive_s=3) as served, served.connect() as sock:
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1.2)  # idle longer than the header timeout, shorter than keep-alive
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")

@@ -19,7 +19,7 @@ def test_soak_quick_run_holds(tiny_checkpoint, service_index_root, tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--quick", "--checkpoint",
                str(tiny_checkpoint.path), "--index", str(service_index_root), "--out", str(out),
                "--server-env", "TRANSRESNET_MAX_IN_FLIGHT=8", "--server-env", "TRANSRESNET_DEVICE=cpu",
-               "--server-env", "TRANSRESNET_HEADER_TIMEOUT_S=2"]
+               "--server-env", "TRANSRESNET_HEADER_TIMEOUT_S=5"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = {row["phase"]: row for row in json.loads(out.read_text())["rows"]}
@@ -27,6 +27,6 @@ def test_soak_quick_run_holds(tiny_checkpoint, service_index_root, tmp_path):
     assert all(row["failures"] == 0 for row in rows.values()), {p: r["failure_kinds"] for p, r in rows.items()}
     overload = rows["overload"]
     assert overload["503"] > 0 and overload["ok"] > 0
-    assert overload["p99_503_ms"] < 1000  # refused at once, not after queueing (50 ms on an idle machine)
+    assert overload["probe_p99_503_ms"] < 1000  # refused at once, not after queueing (tens of ms when idle)
     assert rows["abandon"]["completed_after_gone"] <= rows["abandon"]["requests"] // 4
     assert "phase" in done.stdout and "written" in done.stdout
