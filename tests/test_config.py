@@ -35,3 +35,24 @@ def test_bad_override_syntax(tmp_path: Path) -> None:
         build_config({}, ["train.lr"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("kwargs", [{"checkpoint_path": "/tmp/weights.pth"},
+                                    {"pretrained_cfg_overlay": {"file": "/tmp/weights.safetensors"}},
+                                    {"pretrained_cfg": {"url": "https://example.invalid/w.pth"}},
+                                    {"pad_type": "same", "cache_dir": "/tmp/hub"}])
+def test_backbone_kwargs_may_not_carry_weight_files(kwargs: dict) -> None:
+    with pytest.raises(ConfigError, match=r"model.image.backbone_kwargs: .*may not be set in backbone_kwargs.*"
+                                          r"model.image.weights"):
+        build_config({"model": {"image": {"backbone_kwargs": kwargs}}})
+
+
+def test_ordinary_backbone_kwargs_pass() -> None:
+    config = build_config({"model": {"image": {"backbone_kwargs": {"pad_type": "same", "drop_rate": 0.1}}}})
+    assert config.model.image.backbone_kwargs == {"pad_type": "same", "drop_rate": 0.1}
+
+
+def test_backbone_kwargs_are_checked_on_assignment_too() -> None:
+    config = build_config({})
+    with pytest.raises(ValueError, match="checkpoint_path may not be set"):
+        config.model.image.backbone_kwargs = {"checkpoint_path": "w.pth"}

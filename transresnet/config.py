@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transresnet.options import Device
 
@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm.create_model arguments that load weights or read files: weights come only through `weights`.
+REFUSED_BACKBONE_KWARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                                     "cache_dir", "model_name", "file", "url", "hf_hub_id"})
 
 
 class _Strict(BaseModel):
@@ -38,6 +41,8 @@ class ImageEncoderConfig(_Strict):
     """Side of the square centre crop fed to the backbone."""
     resize_size: int | None = Field(None, ge=16)
     """Short side the image is resized to before cropping; None = image_size * 256 / 224."""
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    """Resampling of the resize (and of training crops): the one the backbone's weights were trained with."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     freeze_backbone: bool = True
@@ -45,6 +50,16 @@ class ImageEncoderConfig(_Strict):
     hidden_layers: int = Field(0, ge=0)
     """Extra [ReLU -> Dropout -> Linear] blocks after the first projection."""
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("backbone_kwargs")
+    @classmethod
+    def _no_weight_sources(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        refused = sorted(set(kwargs) & REFUSED_BACKBONE_KWARGS)
+        if refused:
+            raise ValueError(f"{', '.join(refused)} may not be set in backbone_kwargs: timm would read weights "
+                             "or files through them; give a local weights file in model.image.weights "
+                             "(and timm's own download in model.image.pretrained)")
+        return kwargs
 
     @property
     def effective_resize(self) -> int:
@@ -77,19 +92,6 @@ class TextEncoderConfig(_Strict):
     bow_max_vocab: int = Field(30000, ge=10)
     bow_min_count: int = Field(1, ge=1)
 
-
-class ModelConfig(_Strict):
-    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
-    personality: PersonalityConfig = Field(default_factory=PersonalityConfig)
-    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
-    hidden_dim: int = Field(500, ge=8)
-    """Width of the joint space: query and caption vectors have this dimension."""
-    combine: Literal["sum", "concat"] = "sum"
-    """How image and personality encodings form the query: sum (the paper) or concat -> Linear."""
-    scoring: Literal["dot", "cosine"] = "dot"
-    """dot: raw inner product (the paper); cosine: unit vectors and a learned temperature."""
-    init_temperature: float = Field(0.07, gt=0.0)
-    """Initial softmax temperature for cosine scoring."""
 
 Family = Literal["retrieval", "showtell", "showatttell", "updown"]
 """retrieval: TransResNet (ranks fixed captions); the others write captions (``transresnet.generation``)."""
@@ -147,11 +149,24 @@ class DecoderConfig(_Strict):
     """Decoding for evaluation (training validates greedily)."""
 
 
-
-class DataConfig(_Strict):
+class ModelConfig(_Strict):
+    image: ImageEncoderConfig = Field(default_factory=ImageEncoderConfig)
     family: Family = "retrieval"
     """Which model: the retrieval TransResNet, or a caption generator (showtell, showatttell, updown)."""
     decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    personality: PersonalityConfig = Field(default_factory=PersonalityConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    hidden_dim: int = Field(500, ge=8)
+    """Width of the joint space: query and caption vectors have this dimension."""
+    combine: Literal["sum", "concat"] = "sum"
+    """How image and personality encodings form the query: sum (the paper) or concat -> Linear."""
+    scoring: Literal["dot", "cosine"] = "dot"
+    """dot: raw inner product (the paper); cosine: unit vectors and a learned temperature."""
+    init_temperature: float = Field(0.07, gt=0.0)
+    """Initial softmax temperature for cosine scoring."""
+
+
+class DataConfig(_Strict):
     train: str | None = None
     """Training data: CSV, Personality-Captions JSON or Karpathy dataset.json."""
     train_split: str | None = "train"
@@ -192,6 +207,10 @@ class TrainConfig(_Strict):
     hard_negatives: int = Field(0, ge=0)
     """Extra negatives per batch from the training caption pool: the captions (gold for no query in the batch)
     scoring highest against the batch's queries under the current model; 0 = in-batch negatives only."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Generators: label smoothing of the word cross entropy."""
+    grad_clip: float | None = Field(5.0, gt=0.0)
+    """Generators: clip the gradient norm to this (None = no clipping)."""
 
 
 class ExperimentConfig(_Strict):
@@ -204,11 +223,10 @@ class ExperimentConfig(_Strict):
     def _check_combination(self) -> ExperimentConfig:
         if self.data.augment_crops and not self.model.image.freeze_backbone:
             raise ValueError("data.augment_crops needs model.image.freeze_backbone: true (crops are cached features)")
+        if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
+            raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
+                             "read cached grid features)")
         return self
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    """Generators: label smoothing of the word cross entropy."""
-    grad_clip: float | None = Field(5.0, gt=0.0)
-    """Generators: clip the gradient norm to this (None = no clipping)."""
 
 
 class ConfigError(ValueError):
@@ -221,9 +239,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-        if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
-            raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
-                             "read cached grid features)")
             raise ConfigError(f"cannot set {dotted!r}: {key!r} is a value, not a section")
         node = child
     node[leaf] = value

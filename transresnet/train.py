@@ -8,20 +8,37 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from transresnet.checkpoint import WEIGHTS, save_checkpoint
+from transresnet.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    load_weights,
+    publish_dir,
+    read_meta,
+    remove_stale,
+    save_checkpoint,
+    staging_dir,
+    verify_checksums,
+    write_checkpoint,
+    write_text_atomic,
+)
+from transresnet.checkpoint import clean_leftovers as clean_checkpoint_leftovers
 from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
@@ -39,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
+STATE_FORMAT = 1
+STATES = "states"
+LAST_POINTER = "LAST"
+KEEP_STATES = 2
 
 
 def seed_everything(seed: int) -> None:
@@ -71,7 +92,7 @@ class ImageInputs:
         if self.cached is not None:
             # Training draws one cached view (centre or a random crop) per example; evaluation uses the centre.
             views = self.cached.shape[1] if train else 1
-            view = torch.randint(views, (len(rows),))
+            view = torch.randint(views, (len(rows),)) if views > 1 else torch.zeros(len(rows), dtype=torch.long)
             return self.cached[torch.as_tensor(rows), view].to(self.device)
         pixels = torch.stack([self.preprocessor.load(self.paths[r]) for r in rows])
         return self.model.encode_image(pixels.to(self.device))
@@ -193,24 +214,208 @@ def _param_groups(model: TransResNet, config: ExperimentConfig) -> list[dict[str
     return groups
 
 
-def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Optimizer tensors as safetensors and scalars as JSON (no pickle)."""
+def rng_states() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The global RNG states (torch CPU and CUDA as tensors; python and numpy as JSON-able values)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng.cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    return tensors, {"python": [version, list(internal), gauss], "numpy": numpy_state}
+
+
+def restore_rng_states(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(states["numpy"])
+    numpy_state["state"] = {**numpy_state["state"], "key": np.asarray(numpy_state["state"]["key"], np.uint32)}
+    np.random.set_state(numpy_state)
+
+
+def save_train_state(folder: Path, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+    """Optimizer and RNG tensors as safetensors, the rest as JSON (no pickle)."""
     opt = optimizer.state_dict()
-    tensors = {f"{pid}.{name}": value.contiguous() for pid, slots in opt["state"].items()
+    tensors = {f"opt.{pid}.{name}": value.contiguous() for pid, slots in opt["state"].items()
                for name, value in slots.items() if isinstance(value, torch.Tensor)}
-    save_file(tensors, str(folder / STATE_TENSORS))
-    groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
-    (folder / STATE_JSON).write_text(json.dumps({"param_groups": groups, **state}, indent=1))
+    rng_tensors, rng = rng_states()
+    save_file({**tensors, **rng_tensors}, str(folder / STATE_TENSORS))
+    record = {"format": STATE_FORMAT, "param_groups": opt["param_groups"], "progress": progress, "rng": rng}
+    (folder / STATE_JSON).write_text(json.dumps(record))
 
 
 def load_train_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    meta = json.loads((folder / STATE_JSON).read_text())
+    """Restore the optimizer and the global RNG states; returns the saved progress.
+
+    A state from before STATE_FORMAT 1 (``last/`` without RNG states) restores the optimizer only.
+    """
+    try:
+        meta = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"training state in {folder} cannot be read ({err}); resume from an older state "
+                              "or start again without --resume") from None
+    legacy = "format" not in meta
+    prefix = "" if legacy else "opt."
     slots: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in load_file(str(folder / STATE_TENSORS)).items():
-        pid, name = key.split(".", 1)
-        slots[int(pid)][name] = value
+    for key, value in tensors.items():
+        if key.startswith(prefix) and not key.startswith("rng."):
+            pid, name = key[len(prefix):].split(".", 1)
+            slots[int(pid)][name] = value
     optimizer.load_state_dict({"state": dict(slots), "param_groups": meta.pop("param_groups")})
+    if legacy:
+        logger.warning("%s holds no RNG states (written by an older version): the resumed run continues, but "
+                       "not bit for bit as an uninterrupted one would", folder)
+        return meta
+    restore_rng_states(tensors, meta["rng"])
+    return meta["progress"]
+
+
+# ---------------------------------------------------------------------------------- training states
+# OUT/states/epoch-NNNN-<ns>/ holds one complete unit: the model as a checkpoint (weights, config, traits,
+# text/) plus the optimizer, progress and RNG states, every file's sha256 in its one meta.json. It is
+# written in a staging folder, flushed, renamed into place, and only then named in OUT/LAST (temp file,
+# fsync, os.replace), so a kill at any moment leaves the previous complete state resumable.
+
+
+def states_dir(out_dir: Path) -> Path:
+    return out_dir / STATES
+
+
+def _state_key(path: Path) -> tuple[int, int] | None:
+    """(epoch, ns) of a state folder named ``epoch-NNNN-<ns>``, else None."""
+    parts = path.name.split("-")
+    if len(parts) != 3 or parts[0] != "epoch" or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    return int(parts[1]), int(parts[2])
+
+
+def list_states(out_dir: Path) -> list[Path]:
+    """State folders of a run, oldest first (leftovers and other names ignored)."""
+    folder = states_dir(out_dir)
+    found = [p for p in folder.iterdir() if p.is_dir() and _state_key(p)] if folder.is_dir() else []
+    return sorted(found, key=_state_key)
+
+
+def read_last_pointer(out_dir: Path) -> str | None:
+    """The state folder name ``OUT/LAST`` points at, or None when it is absent or not a plain name."""
+    pointer = out_dir / LAST_POINTER
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not name or "/" in name or "\\" in name or name.startswith(".") or _state_key(Path(name)) is None:
+        logger.warning("%s names %r, which is not a state folder of %s; ignoring it", pointer, name,
+                       states_dir(out_dir))
+        return None
+    return name
+
+
+def verify_state(folder: Path) -> dict[str, Any]:
+    """Checks that a state folder is complete and intact (meta entries, checksums); returns its meta."""
+    meta = read_meta(folder, required_files=(WEIGHTS, CONFIG, STATE_TENSORS, STATE_JSON))
+    verify_checksums(folder, meta)
     return meta
+
+
+def publish_state(out_dir: Path, write: Callable[[Path], None], epoch: int) -> Path:
+    """Write a state with ``write(folder)`` into staging, rename it into ``states/``, then repoint LAST."""
+    final = states_dir(out_dir) / f"epoch-{epoch:04d}-{time.time_ns()}"
+    staging = staging_dir(final)
+    try:
+        write(staging)
+        publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    write_text_atomic(out_dir / LAST_POINTER, final.name + "\n")
+    prune_states(out_dir, KEEP_STATES)
+    return final
+
+
+def prune_states(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` states (never the one LAST names)."""
+    current = read_last_pointer(out_dir)
+    states = list_states(out_dir)
+    doomed = [p for p in states[: max(0, len(states) - keep)] if p.name != current]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def clean_run_leftovers(out_dir: Path) -> None:
+    """Remove what dead writers left in a run folder: staging folders, temp pointers, half-swapped best/."""
+    remove_stale(states_dir(out_dir), ".")
+    remove_stale(out_dir, f".{LAST_POINTER}.")
+    clean_checkpoint_leftovers(out_dir / "best")
+
+
+def find_resume_state(out_dir: Path) -> Path:
+    """The newest complete training state of a run; damaged ones are set aside with a warning.
+
+    Raises FileNotFoundError ("nothing to resume") only when the run has no state at all, and a
+    CheckpointError naming each problem when states exist but none is usable.
+    """
+    clean_run_leftovers(out_dir)
+    problems = []
+    for folder in reversed(list_states(out_dir)):
+        try:
+            verify_state(folder)
+        except CheckpointError as err:
+            aside = folder.with_name(f".damaged-{folder.name}")
+            logger.warning("training state %s is damaged (%s); moved aside to %s, trying an older one", folder,
+                           err, aside.name)
+            os.replace(folder, aside)
+            problems.append(str(err))
+            continue
+        pointer = read_last_pointer(out_dir)
+        if pointer != folder.name:
+            logger.warning("%s named %s, but the newest complete state is %s: repointing it",
+                           out_dir / LAST_POINTER, pointer, folder.name)
+            write_text_atomic(out_dir / LAST_POINTER, folder.name + "\n")
+        return folder
+    legacy = out_dir / "last"
+    if (legacy / STATE_JSON).is_file() and (legacy / STATE_TENSORS).is_file():
+        verify_checksums(legacy, read_meta(legacy))  # an older version's last/: train state not checksummed
+        logger.warning("resuming from %s, written by an older version", legacy)
+        return legacy
+    if problems:
+        raise CheckpointError(f"cannot resume in {out_dir}: no training state there is intact ("
+                              + "; ".join(problems) + "); start again without --resume")
+    raise FileNotFoundError(f"nothing to resume in {out_dir}: it holds no training state ({states_dir(out_dir)} "
+                            f"is {'empty' if states_dir(out_dir).is_dir() else 'absent'}); train without --resume")
+
+
+def start_fresh(out_dir: Path) -> None:
+    """A run without --resume replaces an earlier run's states and metrics in ``out_dir``."""
+    old = list_states(out_dir)
+    if old or (out_dir / "metrics.jsonl").exists():
+        logger.warning("%s holds an earlier run (%d training state(s)); starting over without --resume replaces "
+                       "them", out_dir, len(old))
+    (out_dir / LAST_POINTER).unlink(missing_ok=True)
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def keep_metrics_through(out_dir: Path, epoch: int) -> None:
+    """Drop metrics.jsonl records after ``epoch`` (and a torn last line): the resumed run writes them again."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -358,18 +563,27 @@ class Trainer:
 
     # -- persistence ------------------------------------------------------------------------------
 
-    def _save_last(self, metrics: dict[str, Any]) -> None:
-        last = save_checkpoint(self.model, self.config, self.out_dir / "last", metrics=metrics)
-        save_train_state(last, self.optimizer, dict(self.progress.__dict__))
+    def _save_state(self, metrics: dict[str, Any]) -> Path:
+        """Weights, optimizer, progress and RNG states as one unit, published atomically."""
+        def write(folder: Path) -> None:
+            write_checkpoint(self.model, self.config, folder, metrics=metrics,
+                             extra=lambda f: save_train_state(f, self.optimizer, dict(self.progress.__dict__)))
+
+        return publish_state(self.out_dir, write, self.progress.epoch)
 
     def resume(self) -> None:
-        last = self.out_dir / "last"
-        if not (last / STATE_JSON).is_file():
-            raise FileNotFoundError(f"nothing to resume in {self.out_dir}: {last / STATE_JSON} is missing")
-        load_model(self.model, str(last / WEIGHTS), strict=True)
-        state = load_train_state(last, self.optimizer)
+        """Continue from the newest complete state: the same weights, optimizer, progress and RNG states."""
+        folder = find_resume_state(self.out_dir)
+        load_weights(self.model, folder / WEIGHTS, against="the model this config builds (resume with the config "
+                                                             "the run started with)")
+        state = load_train_state(folder, self.optimizer)
+        missing = [k for k in _Progress.__dataclass_fields__ if k not in state]
+        if missing:
+            raise CheckpointError(f"training state {folder / STATE_JSON} lacks {', '.join(missing)}; "
+                                  "start again without --resume")
         self.progress = _Progress(**{k: state[k] for k in _Progress.__dataclass_fields__})
-        logger.info("resumed from %s after epoch %d (best R@1 %.2f)", last, self.progress.epoch,
+        keep_metrics_through(self.out_dir, self.progress.epoch)
+        logger.info("resumed from %s after epoch %d (best R@1 %.2f)", folder, self.progress.epoch,
                     self.progress.best_score)
 
     # -- driver -----------------------------------------------------------------------------------
@@ -403,6 +617,7 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(self.config))
         total_start = time.perf_counter()
+        self._set_text_trainable(self._text_trainable_now())  # a resumed, unfrozen transformer needs no cache
         self.texts.precompute([e.caption for e in self.examples])
         while self.progress.epoch < self.config.train.epochs:
             self._set_text_trainable(self._text_trainable_now())
@@ -415,14 +630,14 @@ class Trainer:
                       "best": self.progress.best_epoch == self.progress.epoch,
                       "seconds": round(time.perf_counter() - start, 2)}
             self._log_epoch(record)
-            self._save_last(record)
+            self._save_state(record)
             if stop:
                 break
         return self._finish(time.perf_counter() - total_start)
 
     def _finish(self, seconds: float) -> TrainResult:
         best = self.out_dir / "best"
-        load_model(self.model, str(best / WEIGHTS), strict=True)
+        load_weights(self.model, best / WEIGHTS)
         report: dict[str, Any] = {"best_epoch": self.progress.best_epoch, "train_seconds": round(seconds, 1)}
         for name, task in (("val", self.val_task), ("test", self.test_task)):
             if task is None:
@@ -453,7 +668,7 @@ class _CaptionPool:
 
     @torch.no_grad()
     def _vectors(self, model: TransResNet, texts: TextInputs) -> torch.Tensor:
-        if all(t in texts.pooled for t in self.texts):  # frozen (or formerly frozen) transformer: cached outputs
+        if texts.use_cache and all(t in texts.pooled for t in self.texts):  # frozen transformer: cached outputs
             return model.encode_pooled_text(torch.stack([texts.pooled[t] for t in self.texts]))
         return torch.cat([model.encode_text(self.texts[i:i + 512]) for i in range(0, len(self.texts), 512)])
 
@@ -474,7 +689,10 @@ def _ids_of(texts: Sequence[str]) -> list[int]:
 
 def train(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> TrainResult:
     """Train a TransResNet as ``config`` describes; the best checkpoint lands in ``out_dir/best``."""
-    trainer = Trainer(config, Path(out_dir))
+    out_dir = Path(out_dir)
+    trainer = Trainer(config, out_dir)
     if resume:
         trainer.resume()
+    else:
+        start_fresh(out_dir)
     return trainer.run()
