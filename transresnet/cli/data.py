@@ -26,6 +26,15 @@ def _voices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from transresnet.download import download
+
+    path = download(args.name, Path(args.out), urls=args.url, base_url=args.base_url, timeout=args.timeout,
+                    workers=args.workers, limit=args.limit)
+    logger.info("dataset ready: %s", path)
+    return 0
+
+
 def _register_synth(data_sub: argparse._SubParsersAction) -> None:
     synth = data_sub.add_parser("synth", help="generate the synthetic personality-caption dataset")
     synth.add_argument("--out", required=True, help="output folder (images/, captions.csv, val.json, test.json)")
@@ -51,8 +60,30 @@ def _register_voices(data_sub: argparse._SubParsersAction) -> None:
     voices.set_defaults(func=_voices)
 
 
+def _register_download(data_sub: argparse._SubParsersAction) -> None:
+    from transresnet.download import DATASETS
+
+    listing = "; ".join(f"{name}: {source.description}" for name, source in DATASETS.items())
+    download = data_sub.add_parser(
+        "download", help="fetch a real dataset (flickr8k, personality-captions) into the readers' layout",
+        description=f"Fetch a real dataset into OUT. {listing}. A rerun fetches only what is missing (a file cut "
+                    "off is fetched again whole); photos that fail are listed in OUT/failed_images.txt and skipped.")
+    download.add_argument("name", choices=list(DATASETS), metavar="NAME", help=", ".join(DATASETS))
+    download.add_argument("--out", required=True, help="dataset folder (captions.csv or the JSON splits, images/)")
+    download.add_argument("--url", action="append", default=[], metavar="[KEY=]URL",
+                          help="another mirror of an archive (repeatable): flickr8k images=URL, text=URL; "
+                               "personality-captions archive=URL or the bare URL")
+    download.add_argument("--base-url", help="personality-captions: base URL of the YFCC100M photos "
+                                             "(photo H at BASE/H[:3]/H[3:6]/H.jpg)")
+    download.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a server (default: 60)")
+    download.add_argument("--workers", type=int, default=8, help="photos fetched at once (default: 8)")
+    download.add_argument("--limit", type=int, help="personality-captions: fetch at most this many missing photos")
+    download.set_defaults(func=_download)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="dataset tools: synthetic data, voiced captions, downloads")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     _register_synth(data_sub)
     _register_voices(data_sub)
+    _register_download(data_sub)
