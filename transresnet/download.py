@@ -182,7 +182,12 @@ def fetch_archive(remote: Remote, downloads: Path, *, timeout: float = 60.0) -> 
         logger.info("using %s from an earlier download", target)
         return target
     logger.info("downloading %s", remote.url)
-    return fetch(remote, target, timeout=timeout)
+    try:
+        return fetch(remote, target, timeout=timeout)
+    except BaseException:
+        if downloads.is_dir() and not any(downloads.iterdir()):
+            downloads.rmdir()  # leave no empty folder behind a failed first download
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
