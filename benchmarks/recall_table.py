@@ -57,7 +57,7 @@ class RowSpec:
 ROWS = [
     RowSpec("linear-probe", "flickr8k", "linear probe: pooled features -> 1 linear map -> frozen MiniLM space",
             LINEAR_PROBE),
-    RowSpec("transresnet-frozen", "flickr8k", "TransResNet, Transformer text encoder frozen (configs/flickr8k.yaml)",
+    RowSpec("transresnet-frozen", "flickr8k", "TransResNet, text encoder frozen (configs/flickr8k_fast.yaml)",
             ["model.text.freeze=always"]),
     RowSpec("transresnet-in-batch", "flickr8k", "the same, in-batch negatives only (no hard negatives)",
             ["model.text.freeze=always", "train.hard_negatives=0"]),
@@ -290,7 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", type=lambda text: [int(x) for x in text.split(",")],
                         help="training seeds; every row trains once per seed and reports mean ± std")
     parser.add_argument("--reuse", action="store_true", help="keep rows already trained in OUT; only re-evaluate")
-    parser.add_argument("--flickr-config", type=Path, default=REPO / "configs" / "flickr8k.yaml")
+    parser.add_argument("--flickr-config", type=Path, default=REPO / "configs" / "flickr8k_fast.yaml")
     parser.add_argument("--synthetic-config", type=Path, default=REPO / "configs" / "synthetic.yaml")
     parser.add_argument("--synthetic-images", type=int, default=2000)
     parser.add_argument("--index-type", default="ivf", choices=("flat", "ivf", "hnsw", "ivfpq"),

@@ -94,16 +94,17 @@ class ImagePreprocessor:
 
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         self.cfg = cfg
+        resample = T.InterpolationMode(cfg.interpolation)
         self.eval_transform = T.Compose([
             T.PILToTensor(),
-            T.Resize(cfg.effective_resize, antialias=True),
+            T.Resize(cfg.effective_resize, interpolation=resample, antialias=True),
             T.CenterCrop(cfg.image_size),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(list(cfg.mean), list(cfg.std)),
         ])
         self.train_transform = T.Compose([
             T.PILToTensor(),
-            T.RandomResizedCrop(cfg.image_size, scale=(0.6, 1.0), antialias=True),
+            T.RandomResizedCrop(cfg.image_size, scale=(0.6, 1.0), interpolation=resample, antialias=True),
             T.RandomHorizontalFlip(),
             T.ToDtype(torch.float32, scale=True),
             T.Normalize(list(cfg.mean), list(cfg.std)),
@@ -127,6 +128,8 @@ class ImagePreprocessor:
     def identity(self) -> str:
         """A key that changes whenever the pixels reaching the backbone would."""
         fields = {k: self.cfg.model_dump(mode="json")[k] for k in ("image_size", "mean", "std")}
+        if self.cfg.interpolation != "bilinear":  # bilinear caches keep the keys they always had
+            fields["interpolation"] = self.cfg.interpolation
         fields["resize"] = self.cfg.effective_resize
         fields["decode"] = DECODE_VERSION
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
