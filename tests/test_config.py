@@ -56,3 +56,12 @@ def test_backbone_kwargs_are_checked_on_assignment_too() -> None:
     config = build_config({})
     with pytest.raises(ValueError, match="checkpoint_path may not be set"):
         config.model.image.backbone_kwargs = {"checkpoint_path": "w.pth"}
+
+
+def test_a_typo_in_a_key_names_the_closest_valid_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({}, ["train.epoch=3", "model.image.dropuot=0.1", "data.zzz=1"])
+    message = str(err.value)
+    assert "train.epoch: Extra inputs are not permitted (did you mean train.epochs?)" in message
+    assert "(did you mean model.image.dropout?)" in message
+    assert "data.zzz: Extra inputs are not permitted\n" in message + "\n"  # nothing close: no guess

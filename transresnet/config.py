@@ -6,6 +6,7 @@ types are errors that name the offending key, so a typo never silently falls bac
 
 from __future__ import annotations
 
+import difflib
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -252,11 +253,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model of the section holding the key at ``loc`` (None when it is not a model)."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def did_you_mean(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: ' (did you mean train.epochs?)' naming the closest valid keys, or ''."""
+    model = _section_model(loc)
+    if model is None or not loc:
+        return ""
+    prefix = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=3, cutoff=0.6)
+    names = [f"{prefix}.{name}" if prefix else name for name in close]
+    return f" (did you mean {' or '.join(names)}?)" if names else ""
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        lines.append(f"  {key}: {problem['msg']}")
+        hint = did_you_mean(tuple(problem["loc"])) if problem["type"] == "extra_forbidden" else ""
+        lines.append(f"  {key}: {problem['msg']}{hint}")
     return "invalid config:\n" + "\n".join(lines)
 
 
