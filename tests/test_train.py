@@ -57,6 +57,7 @@ def test_resume_continues_where_it_stopped(synthetic_data: Path, tmp_path: Path)
     state = run / "states" / (run / "LAST").read_text().strip()
     assert (run / "config.yaml").is_file() and (state / "train_state.safetensors").is_file()
     assert json.loads((state / "train_state.json").read_text())["progress"]["epoch"] == 2
+    assert load_checkpoint(state).fingerprint  # a state is a checkpoint too
 
 
 def test_resume_without_a_run_is_a_clear_error(synthetic_data: Path, tmp_path: Path) -> None:

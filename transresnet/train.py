@@ -2,6 +2,11 @@
 
 Frozen parts are computed once: a frozen backbone's features come from the on-disk feature cache and a
 frozen transformer's pooled outputs from an in-memory cache, so an epoch only runs what trains.
+
+Run folder: ``config.yaml``, ``metrics.jsonl``, ``best/`` (a checkpoint, replaced atomically when validation
+improves), ``states/epoch-NNNN-<ns>/`` (the newest two complete training states: a checkpoint plus
+optimizer, progress and RNG states) and ``LAST``, the pointer to the newest. ``--resume`` continues from the
+newest state that verifies and reproduces the uninterrupted run exactly on CPU.
 """
 
 from __future__ import annotations
@@ -348,10 +353,11 @@ def prune_states(out_dir: Path, keep: int) -> list[Path]:
 
 
 def clean_run_leftovers(out_dir: Path) -> None:
-    """Remove what dead writers left in a run folder: staging folders, temp pointers, half-swapped best/."""
-    remove_stale(states_dir(out_dir), ".")
-    remove_stale(out_dir, f".{LAST_POINTER}.")
+    """Repair a half-swapped best/, then remove what dead writers left: staging folders, temp pointers and
+    files (every such name ends in ``@host@pid``; other hidden names are left alone)."""
     clean_checkpoint_leftovers(out_dir / "best")
+    remove_stale(out_dir, ".")
+    remove_stale(states_dir(out_dir), ".")
 
 
 def find_resume_state(out_dir: Path) -> Path:

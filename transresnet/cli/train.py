@@ -53,6 +53,10 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if config.model.family != "retrieval":  # a caption generator (showtell, showatttell, updown)
+        from transresnet.generation.train import train_generator
+
+        train = train_generator
     result = train(config, Path(args.out), resume=args.resume)
     logger.info("best checkpoint: %s", result.best_checkpoint)
     return 0
@@ -63,8 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", required=True, help="YAML setup, e.g. configs/synthetic.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-    train.add_argument("--out", required=True, help="run folder: config.yaml, best/, last/, metrics.jsonl")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    train.add_argument("--out", required=True, help="run folder: config.yaml, best/, states/ and LAST, metrics.jsonl")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete state in OUT/states")
     train.add_argument("--device", choices=choices(Device), help="shorthand for --set train.device=...")
     train.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     train.set_defaults(func=_train)
