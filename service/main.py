@@ -135,6 +135,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     for router in (captions.router, personalities.router, health.router, admin.router, metrics.router,
                    web.router):
         app.include_router(router)
+    app.mount(web.DOCS_ASSETS_URL, StaticFiles(directory=web.DOCS_ASSETS_DIR), name="docs-assets")
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     app.add_exception_handler(ServiceError, service_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

@@ -99,3 +99,22 @@ def test_page_reports_errors(browser, page_server):
     error = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "error"))
     WebDriverWait(browser, 10).until(lambda d: error.is_displayed())
     assert "photo" in error.text.lower()
+
+
+@pytest.mark.parametrize(("path", "title_selector"), [("/docs", ".swagger-ui .info .title"),
+                                                      ("/redoc", ".api-info h1")])
+def test_api_docs_render_offline(browser, page_server, path, title_selector):
+    """Swagger UI and ReDoc load every asset from the app itself (the browser has no network here).
+
+    ReDoc's bundle hard-codes one "powered by" logo on its CDN; the page's CSP (img-src 'self') blocks it.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(page_server + path)
+    title = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, title_selector))
+    assert "TransResNet" in title.text
+    foreign = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)"
+        ".filter(n => !n.startsWith(location.origin) && !n.startsWith('blob:') && !n.startsWith('data:'))")
+    assert [n for n in foreign if n != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []

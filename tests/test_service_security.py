@@ -165,7 +165,7 @@ def test_page_needs_nothing_the_csp_forbids(client):
     assert "innerHTML" not in (STATIC_DIR / "app.js").read_text()
 
 
-def test_docs_csp_allows_only_swagger_cdn_and_its_inline_script(client):
+def test_docs_csp_allows_only_the_apps_own_assets_and_its_inline_script(client):
     import base64
     import hashlib
     import re
@@ -177,8 +177,13 @@ def test_docs_csp_allows_only_swagger_cdn_and_its_inline_script(client):
     [script] = re.findall(r"<script>(.*?)</script>", page.text, flags=re.DOTALL)
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in csp
-    assert "script-src https://cdn.jsdelivr.net 'sha256-" in csp
+    assert "script-src 'self' 'sha256-" in csp and "http" not in csp  # no other origin: works offline
     assert client.get("/docs/oauth2-redirect").status_code == 200
+    for asset in re.findall(r'(?:src|href)="(/static/docs/[^"]+)"', page.text):
+        assert client.get(asset).status_code == 200, asset
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/static/docs/redoc.standalone.js" in redoc.text
+    assert "fonts.googleapis" not in redoc.text
 
 
 def test_header_count_limit_is_431(service_settings):
