@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, validation_error
@@ -53,6 +54,20 @@ def _log_admin_state(settings: ServiceSettings) -> None:
         logger.info("admin endpoints disabled: TRANSRESNET_ADMIN_TOKEN is unset, empty or blank")
 
 
+def route_template(scope: Scope) -> str:
+    """The route's path template (``/v1/captions``, ``/static/{path}``), never the raw path, so label values
+    stay few; "unmatched" only for paths no route or mount serves (404s)."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = candidate.matches({**scope, "path": scope.get("path", ""), "root_path": ""})
+        if match == Match.FULL:
+            return candidate.path + ("/{path}" if isinstance(candidate, Mount) else "")
+    return "unmatched"
+
+
 class MetricsMiddleware:
     """Counts requests by route template and status (pure ASGI: no per-request task or body copy)."""
 
@@ -77,9 +92,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.requests.labels(scope["method"], route_template(scope), str(status)).inc()
 
 
 def _error_response(request: Request, err: ServiceError) -> JSONResponse:

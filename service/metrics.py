@@ -8,7 +8,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "total")
@@ -22,6 +30,8 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # memory, CPU, fds, GC, Python
+            r.register(standard)
         self.requests = Counter("transresnet_http_requests", "HTTP requests by route and status",
                                 ["method", "route", "status"], registry=r)
         self.in_flight = Gauge("transresnet_http_requests_in_flight", "HTTP requests being handled", registry=r)

@@ -127,6 +127,16 @@ def test_metrics(client):
     assert 'transresnet_http_requests_total{method="POST",route="/v1/captions",status="200"}' in text
 
 
+def test_metrics_label_every_route_by_its_template_and_export_process_metrics(client):
+    for path in ("/openapi.json", "/docs", "/static/app.js", "/static/docs/swagger-ui.css", "/no/such/page"):
+        client.get(path)
+    text = client.get("/metrics").text
+    for route, status in (("/openapi.json", 200), ("/docs", 200), ("/static/{path}", 200),
+                          ("/static/docs/{path}", 200), ("unmatched", 404)):
+        assert f'transresnet_http_requests_total{{method="GET",route="{route}",status="{status}"}}' in text, route
+    assert "process_resident_memory_bytes" in text and "python_info{" in text and "python_gc_" in text
+
+
 def test_openapi_and_docs(client):
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/captions"]["post"]["requestBody"]["content"]
