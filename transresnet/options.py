@@ -19,7 +19,7 @@ IndexType = Literal["flat", "ivf", "hnsw", "ivfpq"]
 BuildIndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
-Protocol = Literal["candidates", "candidates500", "pool"]
+Protocol = Literal["candidates", "candidates500", "pool", "generate"]
 TraitMode = Literal["given", "shuffled", "none"]
 
 
@@ -102,7 +102,8 @@ class EvalOptions(BaseModel):
     data: Path = Field(description="CSV, Personality-Captions JSON or Karpathy dataset.json")
     protocol: Protocol = Field("pool", description="candidates: each example's own 100 candidates (500 with 5 "
                                "golds: candidates500); pool: every caption of the split, both directions, exact "
-                               "and through an index")
+                               "and through an index; generate: a caption generator's captions of every (image, "
+                               "trait) of the split, BLEU / ROUGE-L / CIDEr-D")
     split: str | None = Field(None, description="split to keep (CSV, Karpathy), e.g. val or test")
     image_dir: Path | None = Field(None, description="image folder when not the format's default")
     out: Path | None = Field(None, description="output folder: eval.json, eval.md, recall_at_k.png")
@@ -118,6 +119,8 @@ class EvalOptions(BaseModel):
                                  description="recall@10 against exact search the approximate index is tuned to")
     device: Device = Field("auto", description="where the model runs")
     seed: int = Field(0, description="seed of shuffled traits and index training samples")
+    beam_size: int | None = Field(None, ge=1, le=64, description="generate: beam size (default: the checkpoint "
+                                  "config's decoding)")
 
     @model_validator(mode="after")
     def _index_needs_pool(self) -> EvalOptions:

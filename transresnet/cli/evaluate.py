@@ -25,6 +25,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if options.protocol == "generate":
+        from transresnet.generation.evaluate import metric_table, run_generate_eval
+
+        report = run_generate_eval(options)
+        print(metric_table(report))
+        print(f"wrote {Path(args.out) / 'eval.json'} and eval.md ({report['seconds']['total_s']:.1f}s)")
+        return 0
     report = run_eval(options)
     print(format_text_table(report))
     print(f"wrote {Path(args.out) / 'eval.json'}, eval.md and recall_at_k.png ({report['seconds']['total_s']:.1f}s)")

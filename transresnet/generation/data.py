@@ -1,0 +1,78 @@
+"""Inputs of the caption generators: cached grid features, caption queries and teacher-forcing batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transresnet.checkpoint import state_dict_digest
+from transresnet.data import CaptionRecord
+from transresnet.features import cached_features, weights_identity
+from transresnet.generation.checkpoint import CaptionModel
+from transresnet.generation.vocab import BOS_ID, EOS_ID, PAD_ID, Vocabulary
+
+
+def backbone_identity(model: CaptionModel) -> str:
+    """The feature-cache weights key: the weights file's (shared with training) or the weights themselves."""
+    cfg = model.config.model.image
+    if cfg.pretrained or (cfg.weights and Path(cfg.weights).is_file()):
+        return weights_identity(cfg)
+    return "checkpoint-backbone:" + state_dict_digest(model.backbone).hexdigest()[:32]
+
+
+def grid_features(model: CaptionModel, paths: Sequence[Path], *, root: str | Path, batch_size: int = 64,
+                  num_workers: int = 0, identity: str | None = None) -> torch.Tensor:
+    """Grid features (N, cells, F) of frozen-backbone images, through the on-disk feature cache."""
+    features = cached_features(model.backbone, model.config.model.image, paths, root=root,
+                               weights=identity or backbone_identity(model), views=1, batch_size=batch_size,
+                               num_workers=num_workers, device=model.device, pooling="grid")
+    return torch.from_numpy(np.ascontiguousarray(features[:, 0]))
+
+
+@dataclass(frozen=True)
+class Query:
+    """One image asked for in one voice, with every reference caption it has."""
+
+    image_path: Path
+    image_id: str
+    trait: str | None
+    references: tuple[str, ...]
+
+
+def group_queries(records: Sequence[CaptionRecord]) -> list[Query]:
+    """Distinct (image, personality) pairs in first-seen order, each with its gold captions."""
+    refs: dict[tuple[Path, str | None], list[str]] = defaultdict(list)
+    ids: dict[Path, str] = {}
+    for r in records:
+        refs[(r.image_path, r.personality)] += [r.caption, *r.additional_captions]
+        ids[r.image_path] = r.image_id
+    return [Query(path, ids[path], trait, tuple(dict.fromkeys(caps))) for (path, trait), caps in refs.items()]
+
+
+@dataclass
+class Example:
+    image_row: int
+    trait: int
+    tokens: list[int]
+
+
+def build_examples(records: Sequence[CaptionRecord], image_rows: dict[Path, int], slots: Sequence[int],
+                   vocab: Vocabulary, max_tokens: int) -> list[Example]:
+    return [Example(image_rows[r.image_path], slot, vocab.encode(r.caption, max_tokens))
+            for r, slot in zip(records, slots, strict=True)]
+
+
+def teacher_forcing(batch: Sequence[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``<bos> w1 .. wn`` and targets ``w1 .. wn <eos>``, padded with <pad> (B, L)."""
+    length = max(len(e.tokens) for e in batch) + 1
+    inputs = torch.full((len(batch), length), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(batch), length), PAD_ID, dtype=torch.long)
+    for i, e in enumerate(batch):
+        inputs[i, : len(e.tokens) + 1] = torch.tensor([BOS_ID, *e.tokens])
+        targets[i, : len(e.tokens) + 1] = torch.tensor([*e.tokens, EOS_ID])
+    return inputs.to(device), targets.to(device)
