@@ -296,3 +296,23 @@ def test_training_killed_at_a_dangerous_moment_resumes_exactly(synthetic_data: P
     assert_same_run(run, straight_run)
     assert load_checkpoint(run / "best").fingerprint
     assert_no_leftovers(run)
+
+
+def test_hard_negatives_use_live_caption_vectors_once_the_transformer_trains(tiny_checkpoint) -> None:
+    """After an until_plateau unfreeze the cached pooled outputs are stale: mining must not score with them
+    (and a resumed run, which caches them from other weights, must mine the same negatives)."""
+    from transresnet.train import Example, TextInputs, _CaptionPool
+
+    model = tiny_checkpoint.model
+    examples = [Example(image_row=i, trait=0, caption=f"caption number {i} of eight", query_key=i) for i in range(8)]
+    pool = _CaptionPool(examples)
+    texts = TextInputs(model)
+    texts.precompute(pool.texts)
+    texts.pooled = {t: torch.zeros_like(v) for t, v in texts.pooled.items()}  # stale: other weights
+    texts.use_cache = False  # what Trainer._set_text_trainable(True) does
+    queries = torch.randn(2, model.embed_dim, generator=torch.Generator().manual_seed(0))
+    hard = pool.hardest(model, texts, queries, examples[:2], 3)
+    with torch.inference_mode():
+        live = (queries @ model.encode_text(pool.texts).T).max(dim=0).values.clone()
+        live[:2] = float("-inf")
+    assert hard == [pool.texts[i] for i in live.topk(3).indices.tolist()]
