@@ -136,3 +136,24 @@ def test_generator_configs_validate(synthetic_dataset: Path, tmp_path: Path) -> 
         build_config(tree)
     with pytest.raises(ValueError, match="resume"):
         train_generator(build_config(generator_tree(synthetic_dataset, tmp_path)), tmp_path, resume=True)
+
+
+def test_grid_features_are_cached_under_their_own_key_and_pool_to_the_vectors(tmp_path: Path) -> None:
+    from tests.helpers import write_image
+    from transresnet.config import ImageEncoderConfig
+    from transresnet.encoders import create_backbone
+    from transresnet.features import cache_key, cached_features
+    from transresnet.images import ImagePreprocessor
+
+    cfg = ImageEncoderConfig(backbone="test_resnet", image_size=64, resize_size=64)
+    pre = ImagePreprocessor(cfg)
+    assert cache_key(cfg, pre, weights="w") == cache_key(cfg, pre, weights="w", pooling="avg")
+    assert cache_key(cfg, pre, weights="w", pooling="grid") != cache_key(cfg, pre, weights="w")
+    torch.manual_seed(0)
+    backbone = create_backbone(cfg)
+    paths = [write_image(tmp_path / f"{i}.png", size=(70, 64), seed=i) for i in range(3)]
+    grid = cached_features(backbone, cfg, paths, root=tmp_path / "cache", weights="w", pooling="grid")
+    pooled = cached_features(backbone, cfg, paths, root=tmp_path / "cache", weights="w")
+    assert grid.shape == (3, 1, 4, backbone.num_features) and pooled.shape == (3, 1, backbone.num_features)
+    assert torch.allclose(torch.from_numpy(grid).mean(dim=2), torch.from_numpy(pooled), atol=1e-5)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
