@@ -192,3 +192,14 @@ def test_flickr8k_voices(tmp_path: Path) -> None:
     for r in val.records:
         assert r.candidates is not None and len(r.candidates) == 100 == len(set(r.candidates))
         assert sum(photo_of[c] == r.image_id for c in r.candidates) == len(VOICES)
+
+
+def test_an_images_link_from_before_is_replaced_not_followed(tmp_path: Path) -> None:
+    source = _write_source(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").symlink_to(tmp_path / "src" / "images", target_is_directory=True)
+    write_voiced_dataset(source, out, num_candidates=10)
+    assert not (out / "images").is_symlink() and (out / "images").is_dir()
+    assert sorted(p.name for p in (tmp_path / "src" / "images").iterdir()) == sorted(CAPTIONS)  # untouched
+    assert load_dataset(out / "captions.csv").skipped.total == 0

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from transresnet.files import sha256_file
 from transresnet.progress import progress
@@ -132,10 +133,11 @@ def fetch(remote: Remote, target: Path, *, timeout: float = 60.0, show_progress:
     return target
 
 
-def _open(url: str, timeout: float):  # noqa: ANN202 (an http.client.HTTPResponse or a file-like for file://)
+def _open(url: str, timeout: float) -> Any:
+    """The response of ``url`` (an ``http.client.HTTPResponse``, or a file-like object for ``file://``)."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http(s) and file URLs are the point)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         raise OSError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
@@ -145,7 +147,7 @@ def _open(url: str, timeout: float):  # noqa: ANN202 (an http.client.HTTPRespons
         raise OSError(f"cannot download {url}: no answer within {timeout:g}s") from err
 
 
-def _content_length(response) -> int | None:  # noqa: ANN001
+def _content_length(response: Any) -> int | None:
     value = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
     try:
         return int(value) if value is not None else None
@@ -153,8 +155,7 @@ def _content_length(response) -> int | None:  # noqa: ANN001
         return None
 
 
-def _stream(response, part: Path, digest, total: int | None, name: str,  # noqa: ANN001
-            show_progress: bool | None) -> int:
+def _stream(response: Any, part: Path, digest: Any, total: int | None, name: str, show_progress: bool | None) -> int:
     done = 0
     with part.open("wb") as handle, progress(total, f"downloading {name}", "B", enabled=show_progress) as bar:
         while block := response.read(CHUNK):

@@ -298,16 +298,23 @@ def _link_images(photos: Sequence[_Photo], folder: Path) -> None:
     """``folder`` with one link per photo, built beside it and swapped in whole."""
     staging = folder.with_name(f".{folder.name}.staging")
     old = folder.with_name(f".{folder.name}.old")
-    for leftover in (staging, old):
-        if leftover.exists() or leftover.is_symlink():
-            shutil.rmtree(leftover)
+    _remove(staging)
+    _remove(old)
     staging.mkdir(parents=True)
     for photo in photos:
         link_or_copy(photo.source.resolve(), staging / photo.name)
-    if folder.exists():
+    if folder.exists() or folder.is_symlink():
         os.replace(folder, old)
     os.replace(staging, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a link (not what it points at) or a folder tree, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
