@@ -104,3 +104,45 @@ def test_wrong_inputs_fail_before_torch_loads(argv: list[str], tmp_path: Path) -
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len([line for line in result.stderr.splitlines() if "ERROR" in line]) == 1
+
+
+def _serve_failure(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transresnet", "serve", *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_serve_on_a_busy_port_is_one_line_before_the_url(tiny_checkpoint: Checkpoint, service_index_root: Path,
+                                                          tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve_failure(["--checkpoint", str(tiny_checkpoint.path), "--index", str(service_index_root),
+                                 "--port", str(port)], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "--port" in errors[0]
+    assert "TRANSRESNET_PORT" in errors[0] and "http://" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_with_a_damaged_checkpoint_or_an_empty_index_is_one_line(tiny_checkpoint: Checkpoint,
+                                                                      service_index_root: Path,
+                                                                      tmp_path: Path) -> None:
+    import shutil
+
+    from tests.helpers import free_port
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_checkpoint.path, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (tmp_path / "empty-index").mkdir()
+    for checkpoint, index, expected in ((damaged, service_index_root, "model.safetensors"),
+                                        (tiny_checkpoint.path, tmp_path / "empty-index", "no published index")):
+        result = _serve_failure(["--checkpoint", str(checkpoint), "--index", str(index), "--port",
+                                 str(free_port())], tmp_path)
+        errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+        assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr
+        assert "http://" not in result.stderr and "Traceback" not in result.stderr

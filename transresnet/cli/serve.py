@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,38 @@ def _check_paths(checkpoint: Path, index_root: Path) -> None:
                                 f"--checkpoint {checkpoint} --captions FILE --out {index_root}`")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """The address uvicorn will bind is free (bound the way uvicorn binds it, with SO_REUSEADDR)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): another server uses it? pass "
+                             "--port N or set TRANSRESNET_PORT") from None
+
+
+def check_servable(checkpoint: Path, index_root: Path) -> None:
+    """The checkpoint is complete and intact (meta, checksums) and the index root holds a published
+    version: failures a user can fix answer in one line here, before the model loads inside the server.
+    (Which version is served, CURRENT or a verified fallback, is decided when the server starts.)"""
+    from transresnet.checkpoint import read_meta, verify_checksums
+    from transresnet.index.store import MANIFEST_FILE, IndexLoadError, list_versions
+
+    verify_checksums(checkpoint, read_meta(checkpoint))
+    if not (index_root / MANIFEST_FILE).is_file() and not list_versions(index_root):
+        raise IndexLoadError(f"{index_root} holds no published index version: build one with `transresnet index "
+                             f"build --checkpoint {checkpoint} --captions FILE --out {index_root}`")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from transresnet.service.settings import ServiceSettings
 
     settings = ServiceSettings(**_overrides(args))
+    check_port_free(settings.host, settings.port)  # before anything slow, the demo build included
     if settings.checkpoint is None and settings.index_root is None:
         from transresnet.service.demo import ensure_demo
 
@@ -56,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
                          "TRANSRESNET_INDEX_ROOT), or neither for the embedded demo")
 
     _check_paths(settings.checkpoint, settings.index_root)
+    check_servable(settings.checkpoint, settings.index_root)
 
     from transresnet.service.main import create_app
     from transresnet.service.server import server_options
