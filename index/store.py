@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transresnet.files import sha256_file
+from transresnet.files import make_readable, sha256_file
 
 from .captions import CaptionTable
 
@@ -309,7 +309,9 @@ def set_current(root: Path, version: str) -> None:
 
 
 def publish(staging: Path, root: Path, version: str) -> Path:
-    """Make a fully written staging directory the current version."""
+    """Make a fully written staging directory the current version (readable by other users, like any
+    tool's output: a server in a container may run as another user)."""
+    make_readable(staging)
     for path in staging.iterdir():
         _fsync_file(path)
     _fsync_dir(staging)

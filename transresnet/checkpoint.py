@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from transresnet.config import ExperimentConfig
-from transresnet.files import sha256_file
+from transresnet.files import make_readable, sha256_file
 from transresnet.model import TransResNet, create_model
 from transresnet.runtime import utc_timestamp
 from transresnet.traits import TraitVocab
@@ -210,6 +210,7 @@ def exchange_dirs(a: Path, b: Path) -> bool:
 
 def publish_dir(staging: Path, target: Path) -> None:
     """Make the fully written ``staging`` folder ``target`` in one atomic step (see the module doc)."""
+    make_readable(staging)  # safetensors writes 0600: a server running as another user could not read it
     fsync_tree(staging)
     if not target.exists():
         os.rename(staging, target)
