@@ -20,6 +20,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def describe_model(checkpoint: Checkpoint) -> str:
+    """'synthetic: test_resnet image encoder, trained on captions.csv in data/, 10 personalities'."""
+    config = checkpoint.config
+    parts = [f"{config.model.image.backbone} image encoder"]
+    if config.data.train:
+        train = Path(config.data.train)
+        parts.append(f"trained on {train.name} in {train.parent.name or '.'}/")
+    count = len(checkpoint.traits.names)
+    parts.append(f"{count} personalities" if count else "no personalities")
+    return f"{config.name}: " + ", ".join(parts)
+
+
 @dataclass(frozen=True, eq=False)
 class Bundle:
     checkpoint: Checkpoint
@@ -35,7 +47,8 @@ class Bundle:
     def model_info(self) -> dict[str, Any]:
         weights_sha = self.checkpoint.meta.get("files", {}).get("model.safetensors", "")
         return {"name": self.checkpoint.config.name, "version": (weights_sha or self.checkpoint.fingerprint)[:12],
-                "fingerprint": self.checkpoint.fingerprint}
+                "fingerprint": self.checkpoint.fingerprint, "description": describe_model(self.checkpoint),
+                "personalities": len(self.checkpoint.traits.names)}
 
     @property
     def index_info(self) -> dict[str, Any]:

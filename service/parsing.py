@@ -111,9 +111,7 @@ async def _read_upload(images: list[Any], settings: ServiceSettings) -> bytes:
 
 def _form_fields(form: FormData) -> dict[str, Any]:
     personalities = form.getlist("personality")
-    if not personalities:
-        raise _missing("personality", "name one or more traits (GET /v1/personalities), or 'none'")
-    fields: dict[str, Any] = {"personality": personalities}
+    fields: dict[str, Any] = {"personality": personalities or None}  # none: the router decides (model's traits)
     if "k" in form:
         fields["k"] = form["k"]
     return fields
@@ -129,7 +127,7 @@ async def _from_form(request: Request, settings: ServiceSettings) -> CaptionsInp
         image = await _read_upload(form.getlist("image"), settings)
     finally:
         await form.close()
-    return CaptionsInput(Upload(image), query.personality, query.k)
+    return CaptionsInput(Upload(image), query.personality or [], query.k)
 
 
 async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInput:
@@ -140,4 +138,4 @@ async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInp
         raise validation_error(err.errors()) from None
     del body
     image = decode_base64(payload.image_base64, settings.max_upload_bytes)
-    return CaptionsInput(Upload(image), payload.personality, payload.k)
+    return CaptionsInput(Upload(image), payload.personality or [], payload.k)

@@ -30,7 +30,9 @@ class CaptionsQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    personality: Personalities
+    personality: Personalities | None = Field(
+        None, description="Required when the model has personalities; a model without any ranks for the photo "
+                          "alone ('none')")
     k: K = 5
 
 
@@ -60,6 +62,9 @@ class ModelInfo(BaseModel):
     name: str
     version: str = Field(description="Short hash of the checkpoint weights")
     fingerprint: str = Field(description="Text-side fingerprint the index was built with")
+    description: str = Field("", description="What the model is, in words: its image encoder, what it was "
+                                             "trained on and how many personalities it knows")
+    personalities: int = Field(0, description="Personalities the model knows (0: it ranks for the photo alone)")
 
 
 class IndexInfo(BaseModel):
@@ -96,6 +101,7 @@ class PersonalitiesResponse(BaseModel):
     count: int
     personalities: list[Personality]
     none_aliases: list[str] = Field(description="Names that ask for no personality")
+    message: str | None = Field(None, description="Said when the model has no personalities at all")
 
 
 class HealthResponse(BaseModel):

@@ -6,6 +6,7 @@ Plain helpers (image writers, config trees, servers) live in ``tests/helpers.py`
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,49 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transresnet.synth import generate_synthetic_dataset
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), 300, seed=1, image_size=32)
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    """A tiny checkpoint trained without personalities (like configs/flickr8k.yaml)."""
+    config = build_config(tiny_tree(tiny_text_model, model={"personality": {"enabled": False}}))
+    torch.manual_seed(0)
+    model = create_model(config.model, TraitVocab([]))
+    return load_checkpoint(save_checkpoint(model, config, tmp_path_factory.mktemp("plain") / "best"))
+
+
+@pytest.fixture(scope="session")
+def plain_settings(plain_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """Service settings serving ``plain_checkpoint`` with its own caption index."""
+    from transresnet.service.settings import ServiceSettings
+
+    root = tmp_path_factory.mktemp("plain_index")
+    build_test_index(plain_checkpoint, root)
+    return ServiceSettings(_env_file=None, checkpoint=plain_checkpoint.path, index_root=root, device="cpu")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Headless Debian Chromium through Selenium (no downloads); skips where it is not installed."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager fetch a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -5,8 +5,6 @@ Needs Debian's `chromium` and `chromium-driver` (driven through Selenium, no dow
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -14,32 +12,6 @@ import pytest
 from tests.helpers import ServerThread, free_port, image_bytes
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory) -> Iterator:
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager fetch a browser or driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1200,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
 
 @pytest.fixture(scope="module")
 def page_server(tiny_checkpoint, service_index_root) -> Iterator[str]:
@@ -118,3 +90,80 @@ def test_api_docs_render_offline(browser, page_server, path, title_selector):
         "return performance.getEntriesByType('resource').map(e => e.name)"
         ".filter(n => !n.startsWith(location.origin) && !n.startsWith('blob:') && !n.startsWith('data:'))")
     assert [n for n in foreign if n != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
+
+
+def _wait():
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait
+
+
+def test_the_page_names_the_model_in_words_and_explains_scores(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = _wait()(browser, 20)
+    browser.get(page_server + "/")
+    info = wait.until(lambda d: d.find_element(By.ID, "model-info").text and d.find_element(By.ID, "model-info"))
+    assert "test_resnet image encoder" in info.text and "4 personalities" in info.text
+    assert "fingerprint" in info.get_attribute("title")  # hashes on hover, not in the text
+    icon = browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href")
+    assert browser.execute_script(f"return fetch({icon!r}).then(r => r.status)") == 200
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes("JPEG", size=(120, 90), seed=6))
+    browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    browser.find_element(By.CSS_SELECTOR, '#trait-list li[data-trait="Sweet"] input').click()
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
+    legend = browser.find_element(By.ID, "score-legend")
+    assert legend.is_displayed() and "similarity" in legend.text
+
+
+def test_a_failed_request_clears_old_results(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    wait = _wait()(browser, 20)
+    browser.get(page_server + "/")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#trait-list li[data-trait="Sweet"]'))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(image_bytes("JPEG", size=(120, 90), seed=7))
+    browser.find_element(By.ID, "image-input").send_keys(str(photo))
+    browser.find_element(By.CSS_SELECTOR, '#trait-list li[data-trait="Sweet"] input').click()
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
+    browser.execute_script("document.getElementById('k').value = '500'")  # the API refuses k > 100
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert browser.find_elements(By.CSS_SELECTOR, "#results .result") == []
+    assert not browser.find_element(By.ID, "score-legend").is_displayed()
+
+
+def test_a_non_image_gets_a_message_not_a_broken_preview(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_server + "/")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a photo")
+    browser.find_element(By.ID, "image-input").send_keys(str(text))
+    error = _wait()(browser, 10).until(lambda d: d.find_element(By.ID, "error").is_displayed()
+                                       and d.find_element(By.ID, "error"))
+    assert "not an image" in error.text
+    assert not browser.find_element(By.ID, "preview").is_displayed()
+
+
+def test_a_model_without_personalities_needs_no_ticking(browser, plain_settings, tmp_path):
+    from selenium.webdriver.common.by import By
+    from transresnet.service.main import create_app
+
+    with ServerThread(create_app(plain_settings), free_port()) as server:
+        wait = _wait()(browser, 20)
+        browser.get(server.base_url + "/")
+        note = wait.until(lambda d: d.find_element(By.ID, "no-traits").is_displayed() and d.find_element(By.ID,
+                                                                                                         "no-traits"))
+        assert "no personalities" in note.text
+        assert not browser.find_element(By.ID, "trait-list").is_displayed()
+        photo = tmp_path / "photo.jpg"
+        photo.write_bytes(image_bytes("JPEG", size=(120, 90), seed=8))
+        browser.find_element(By.ID, "image-input").send_keys(str(photo))
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
+        assert browser.find_element(By.CSS_SELECTOR, "#results .result h3").text == "none"

@@ -43,13 +43,14 @@ _FORMATS_TEXT = ", ".join(_FORMATS)
 # FastAPI cannot derive one operation that takes a form *or* JSON, so the request body is described here.
 _FORM_SCHEMA = {
     "type": "object",
-    "required": ["image", "personality"],
+    "required": ["image"],
     "properties": {
         "image": {"type": "string", "format": "binary",
                   "description": f"Exactly one photo: {_FORMATS_TEXT} (formats this server's Pillow reads)"},
         "personality": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 200},
                         "minItems": 1, "maxItems": ServiceSettings.model_fields["max_personalities"].default,
-                        "description": "Repeat the field for several personalities"},
+                        "description": "Repeat the field for several personalities; required when the model "
+                                       "has personalities (a model without any ranks for the photo alone)"},
         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
     },
 }
@@ -89,6 +90,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
           "headers": {"Retry-After": {"description": "Seconds to wait before retrying",
                                       "schema": {"type": "integer"}}}},
 }
+
+
+NO_TRAITS_MESSAGE = "this model has no personalities: captions are ranked for the photo alone"
+
+
+def requested_personalities(bundle: Bundle, names: Sequence[str]) -> list[str]:
+    """The names asked for; with none given, 'none' for a model without personalities, else an error."""
+    if names:
+        return list(names)
+    if len(bundle.traits) <= 1:  # slot 0 ("no personality") only
+        return [NONE_LABEL]
+    how = "name one or more traits (GET /v1/personalities lists them), or 'none'"
+    raise InvalidRequest(f"missing field 'personality': {how}", problems=[{"field": "personality", "message": how}])
 
 
 def resolve_personalities(bundle: Bundle, names: Sequence[str], limit: int) -> list[int]:
@@ -156,11 +170,12 @@ async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsRe
     with resources.ranker.admission.slot():  # 503 at once when full: before a byte of the body is read
         query = await _read_request(request, settings)
         bundle = resources.bundle  # held for the whole request: a reload never changes it under us
-        slots = resolve_personalities(bundle, query.personalities, settings.max_personalities)
+        names = requested_personalities(bundle, query.personalities)
+        slots = resolve_personalities(bundle, names, settings.max_personalities)
         k = min(query.k, len(bundle.index))
         ranking = await until_disconnected(request, resources.ranker.rank(bundle, query.image, slots, k))
     resources.metrics.personalities.inc(len(slots))
-    return build_response(bundle, query.personalities, slots, query.k, ranking)
+    return build_response(bundle, names, slots, query.k, ranking)
 
 
 async def _read_request(request: Request, settings: ServiceSettings) -> CaptionsInput:

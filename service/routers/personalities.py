@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from ..deps import ResourcesDep
 from ..schemas import PersonalitiesResponse, Personality
+from .captions import NO_TRAITS_MESSAGE
 
 router = APIRouter(prefix="/v1", tags=["captions"])
 
@@ -16,4 +17,5 @@ async def list_personalities(resources: ResourcesDep) -> PersonalitiesResponse:
 
     traits = resources.bundle.traits
     items = [Personality(name=name, synonyms=list(traits.synonyms.get(name, []))) for name in traits.names]
-    return PersonalitiesResponse(count=len(items), personalities=items, none_aliases=list(NONE_ALIASES))
+    return PersonalitiesResponse(count=len(items), personalities=items, none_aliases=list(NONE_ALIASES),
+                                 message=None if items else NO_TRAITS_MESSAGE)

@@ -1,7 +1,7 @@
 // The demo page: pick a photo and personalities, POST them to /v1/captions, show the ranked captions.
 "use strict";
 
-const state = { file: null, traits: [], selected: [] };
+const state = { file: null, traits: [], selected: [], hasTraits: true };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, { dataset = {}, ...props } = {}, ...children) {
@@ -16,11 +16,28 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
-function setFile(file) {
-  if (!file) return;
-  state.file = file;
+function clearPreview() {
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+  $("drop-hint").hidden = false;
+}
+
+function setFile(file) {
+  if (!file) return;
+  clearPreview();
+  if (file.type && !file.type.startsWith("image/")) {
+    state.file = null;
+    return showError(`${file.name} is not an image: choose a JPEG, PNG or WebP photo.`);
+  }
+  state.file = file;
+  const preview = $("preview");
+  preview.onerror = () => {  // a file the browser cannot show: say so instead of a broken picture
+    clearPreview();
+    state.file = null;
+    showError(`${file.name} could not be read as an image: choose a JPEG, PNG or WebP photo.`);
+  };
   preview.src = URL.createObjectURL(file);
   preview.alt = file.name;
   preview.hidden = false;
@@ -61,11 +78,33 @@ async function loadTraits() {
     const response = await fetch("/v1/personalities");
     const body = await response.json();
     if (!response.ok) throw new Error(body.message || response.statusText);
+    state.hasTraits = body.count > 0;
+    if (!state.hasTraits) {  // nothing to pick: requests go without a personality
+      for (const id of ["trait-search", "selected-traits", "trait-list"]) $(id).hidden = true;
+      $("no-traits").textContent = "This model has no personalities: captions are ranked for the photo alone.";
+      $("no-traits").hidden = false;
+      return;
+    }
     state.traits = [{ name: "none", synonyms: ["no personality"] }, ...body.personalities];
     renderTraitList();
   } catch (err) {
     showError(`Could not load the personalities: ${err.message}`);
   }
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/readyz");
+    const body = await response.json();
+    if (!body.ready) return;
+    showModel(body.model, body.index);
+  } catch (err) { /* the page still works; the first answer fills this in */ }
+}
+
+function showModel(model, index) {
+  const info = $("model-info");
+  info.textContent = `Model: ${model.description || model.name} · ${index.size} candidate captions`;
+  info.title = `model ${model.version} (text fingerprint ${model.fingerprint}) · index ${index.version}`;
 }
 
 function renderResults(body) {
@@ -75,16 +114,17 @@ function renderResults(body) {
       el("span", { className: "caption-text", textContent: c.caption }),
       el("span", { className: "score", textContent: c.score.toFixed(3) }))))));
   $("results").replaceChildren(...sections);
+  $("score-legend").hidden = false;
+  showModel(body.model, body.index);
   const t = body.timings;
   $("status").textContent = `${t.total_ms.toFixed(0)} ms (decode ${t.decode_ms.toFixed(0)}, encode ` +
-    `${t.encode_ms.toFixed(0)}, search ${t.search_ms.toFixed(0)}) · model ${body.model.version} · ` +
-    `index ${body.index.version} (${body.index.size} captions)`;
+    `${t.encode_ms.toFixed(0)}, search ${t.search_ms.toFixed(0)})`;
 }
 
 async function submit(event) {
   event.preventDefault();
   if (!state.file) return showError("Choose or drop a photo first.");
-  if (!state.selected.length) return showError("Pick at least one personality (or 'none').");
+  if (state.hasTraits && !state.selected.length) return showError("Pick at least one personality (or 'none').");
   const form = new FormData();
   form.append("image", state.file, state.file.name);
   for (const name of state.selected) form.append("personality", name);
@@ -102,6 +142,8 @@ async function submit(event) {
     renderResults(body);
   } catch (err) {
     $("status").textContent = "";
+    $("results").replaceChildren();  // old results would look like the answer to this request
+    $("score-legend").hidden = true;
     showError(err.message);
   } finally {
     $("submit").disabled = false;
@@ -125,4 +167,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("trait-search").addEventListener("input", (e) => renderTraitList(e.target.value));
   $("caption-form").addEventListener("submit", submit);
   loadTraits();
+  loadModelInfo();
 });
