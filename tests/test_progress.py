@@ -50,3 +50,20 @@ def test_third_party_progress_bars_stay_out_of_normal_output(tiny_text_model) ->
     env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "Loading weights" not in result.stderr and "%|" not in result.stderr
+
+
+def test_training_off_a_terminal_logs_epoch_progress(tiny_text_model, tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from tests.helpers import CONFIGS_DIR
+    from transresnet.cli import main
+
+    monkeypatch.setattr(progress_module, "LOG_INTERVAL_S", 0.0)
+    monkeypatch.chdir(tmp_path)
+    small = ["data.synthesize=30", "train.epochs=1", f"model.text.model={tiny_text_model}",
+             "model.text.max_length=16", "model.hidden_dim=16", "train.batch_size=50"]
+    with caplog.at_level(logging.INFO, logger="transresnet.progress"):
+        assert main(["train", "--config", str(CONFIGS_DIR / "synthetic.yaml"), "--out", "run",
+                     *[part for item in small for part in ("--set", item)]]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("epoch 1 of 1: ") and "batches" in line and "loss" in line for line in lines), lines
+    assert any(line.startswith("caching text features of ") for line in lines), lines

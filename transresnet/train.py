@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from transresnet.checkpoint import (
     CONFIG,
@@ -53,6 +52,7 @@ from transresnet.features import cached_features, weights_identity
 from transresnet.images import ImagePreprocessor
 from transresnet.loss import InBatchSoftmaxLoss
 from transresnet.model import TransResNet, create_model
+from transresnet.progress import progress
 from transresnet.retrieval import RankingTask, task_for
 from transresnet.runtime import eval_mode
 from transresnet.traits import TraitVocab
@@ -118,12 +118,13 @@ class TextInputs:
         if not self.use_cache or not todo:
             return
         start = time.perf_counter()
-        starts = range(0, len(todo), self.batch_size)
-        with eval_mode(self.model):  # pooled outputs without dropout
-            for i in tqdm(starts, desc="caption features", unit="batch", leave=False, disable=None):
+        with eval_mode(self.model), progress(len(todo), f"caching text features of {len(todo)} captions",
+                                             "captions") as bar:  # pooled outputs without dropout
+            for i in range(0, len(todo), self.batch_size):
                 chunk = todo[i:i + self.batch_size]
                 for text, row in zip(chunk, self.model.text.pool(chunk).cpu(), strict=True):
                     self.pooled[text] = row.clone()
+                bar.update(len(chunk))
         elapsed = time.perf_counter() - start
         logger.info("cached %d caption features in %.1fs (%.0f captions/s)", len(todo), elapsed,
                     len(todo) / max(elapsed, 1e-9))
@@ -556,12 +557,13 @@ class Trainer:
                                      self.config.train.batch_size, rng))
         if self.config.train.max_steps_per_epoch:
             batches = batches[: self.config.train.max_steps_per_epoch]
-        losses, seen, start = [], 0, time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {self.progress.epoch + 1}", unit="batch", leave=False, disable=None)
-        for batch in bar:
-            losses.append(self._step(batch))
-            seen += len(batch)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+        losses: list[float] = []
+        desc = f"epoch {self.progress.epoch + 1} of {self.config.train.epochs}"
+        with progress(len(batches), desc, "batches") as bar:
+            for batch in batches:
+                losses.append(self._step(batch))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
         return float(np.mean(losses)) if losses else float("nan")
 
     def _validate(self) -> dict[str, float]:
