@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from transresnet.files import make_readable, sha256_file
+from transresnet.files import fsync_dir, fsync_file, make_readable, owner_is_gone, sha256_file, writer_is_gone
 
 from .captions import CaptionTable
 
@@ -254,24 +254,6 @@ def verify_files(version_dir: Path, manifest: dict[str, Any], *, checksums: bool
                                  reason=f"{name} checksum mismatch")
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not every platform lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # -------------------------------------------------------------------------------------- publish
 
 
@@ -300,12 +282,12 @@ def set_current(root: Path, version: str) -> None:
     temp = root / pointer_temp_name()
     try:
         temp.write_text(version + "\n", encoding="utf-8")
-        _fsync_file(temp)
+        fsync_file(temp)
         os.replace(temp, root / CURRENT)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def publish(staging: Path, root: Path, version: str) -> Path:
@@ -313,35 +295,19 @@ def publish(staging: Path, root: Path, version: str) -> Path:
     tool's output: a server in a container may run as another user)."""
     make_readable(staging)
     for path in staging.iterdir():
-        _fsync_file(path)
-    _fsync_dir(staging)
+        fsync_file(path)
+    fsync_dir(staging)
     final = versions_dir(root) / version
     os.rename(staging, final)  # atomic; fails rather than overwrite if the name exists
-    _fsync_dir(versions_dir(root))
+    fsync_dir(versions_dir(root))
     set_current(root, version)
     logger.info("published index version %s (now current in %s)", version, root)
     return final
 
 
-def _writer_is_gone(host: str, pid_text: str) -> bool:
-    """True when the process ``pid_text`` on ``host`` (this host only) no longer runs."""
-    if not pid_text.isdigit() or host != socket.gethostname() or int(pid_text) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _staging_is_stale(path: Path) -> bool:
     """A staging directory whose build process (on this host) is gone."""
-    host_pid = path.name.rsplit("@", 2)
-    if len(host_pid) != 3:
-        return False
-    return _writer_is_gone(host_pid[1], host_pid[2])
+    return owner_is_gone(path)
 
 
 def _pointer_temp_is_stale(path: Path) -> bool:
@@ -349,7 +315,7 @@ def _pointer_temp_is_stale(path: Path) -> bool:
     parts = path.name[len(POINTER_TEMP_PREFIX):].rsplit(".", 2)
     if len(parts) == 2:  # written before the host was part of the name: by this host
         parts = [socket.gethostname(), *parts]
-    return len(parts) == 3 and _writer_is_gone(parts[0], parts[1])
+    return len(parts) == 3 and writer_is_gone(parts[0], parts[1])
 
 
 def remove_leftovers(root: Path) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from transresnet import checkpoint as ckpt
+from transresnet import files
 from transresnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,19 +218,19 @@ def test_stale_leftovers_of_dead_writers_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     dead_pid = int(dead.stdout)
-    host = ckpt.owner_tag().split("@")[1]
+    host = files.owner_tag().split("@")[1]
     stale = tmp_path / f".best.staging-1@{host}@{dead_pid}"
     stale.mkdir()
-    mine = tmp_path / f".best.staging-2{ckpt.owner_tag()}"
+    mine = tmp_path / f".best.staging-2{files.owner_tag()}"
     mine.mkdir()
     other_host = tmp_path / f".best.staging-3@elsewhere@{dead_pid}"
     other_host.mkdir()
-    assert ckpt.remove_stale(tmp_path, ".best.") == [stale]
+    assert files.remove_stale(tmp_path, ".best.") == [stale]
     assert not stale.exists() and mine.exists() and other_host.exists()
 
 
 def test_write_text_atomic_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
     pointer = tmp_path / "LAST"
-    ckpt.write_text_atomic(pointer, "one\n")
-    ckpt.write_text_atomic(pointer, "two\n")
+    files.write_text_atomic(pointer, "one\n")
+    files.write_text_atomic(pointer, "two\n")
     assert pointer.read_text() == "two\n" and [p.name for p in tmp_path.iterdir()] == ["LAST"]

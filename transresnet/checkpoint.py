@@ -25,9 +25,7 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +40,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from transresnet.config import ExperimentConfig
-from transresnet.files import make_readable, sha256_file
+from transresnet.files import (
+    fsync_dir,
+    fsync_tree,
+    make_readable,
+    owner_tag,
+    remove_stale,
+    sha256_file,
+)
 from transresnet.model import TransResNet, create_model
 from transresnet.runtime import utc_timestamp
 from transresnet.traits import TraitVocab
@@ -95,88 +100,6 @@ def text_fingerprint(model: TransResNet) -> str:
 
 
 # ------------------------------------------------------------------------------- atomic file steps
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (renames into it); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` and then every directory, deepest first."""
-    dirs = [folder]
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fsync_file(path)
-        elif path.is_dir():
-            dirs.append(path)
-    for directory in reversed(dirs):
-        fsync_dir(directory)
-
-
-def owner_tag() -> str:
-    """``@host@pid``: names a temporary file or folder after the process writing it."""
-    return f"@{socket.gethostname()}@{os.getpid()}"
-
-
-def owner_is_gone(path: Path) -> bool:
-    """True for a ``...@host@pid`` leftover whose writer (on this host) no longer runs."""
-    parts = path.name.rsplit("@", 2)
-    if len(parts) != 3 or not parts[2].isdigit() or parts[1] != socket.gethostname():
-        return False
-    pid = int(parts[2])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def remove_stale(folder: Path, prefix: str) -> list[Path]:
-    """Delete ``prefix*`` entries of ``folder`` left by processes that died while writing them."""
-    removed = []
-    for path in sorted(folder.glob(f"{prefix}*")) if folder.is_dir() else []:
-        if owner_is_gone(path):
-            logger.warning("removing %s, left by an interrupted writer", path)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: temp file beside it, fsync, ``os.replace``, fsync dir."""
-    temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(3)}{owner_tag()}")
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def staging_dir(target: Path) -> Path:

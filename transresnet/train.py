@@ -35,12 +35,10 @@ from transresnet.checkpoint import (
     load_weights,
     publish_dir,
     read_meta,
-    remove_stale,
     save_checkpoint,
     staging_dir,
     verify_checksums,
     write_checkpoint,
-    write_text_atomic,
 )
 from transresnet.checkpoint import clean_leftovers as clean_checkpoint_leftovers
 from transresnet.config import ExperimentConfig, dump_config
@@ -49,6 +47,7 @@ from transresnet.devices import resolve_device
 from transresnet.encode import encode_queries
 from transresnet.evaluate import task_metrics
 from transresnet.features import cached_features, weights_identity
+from transresnet.files import remove_stale, write_text_atomic
 from transresnet.images import ImagePreprocessor
 from transresnet.loss import InBatchSoftmaxLoss
 from transresnet.model import TransResNet, create_model
