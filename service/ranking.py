@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from transresnet.encode import encode_queries
+from transresnet.encode import encode_photo_queries
 
 from .batching import MicroBatcher
 from .bundle import Bundle
@@ -72,15 +72,11 @@ def encode_jobs(jobs: Sequence[EncodeJob]) -> list[np.ndarray]:
     out: list[np.ndarray] = [np.empty(0)] * len(jobs)
     for positions in _groups(jobs, lambda j: id(j.bundle)).values():
         group = [jobs[p] for p in positions]
-        model = group[0].bundle.checkpoint.model
-        counts = torch.tensor([len(j.trait_ids) for j in group])
-        trait_ids = torch.tensor([t for j in group for t in j.trait_ids], dtype=torch.long)
-        with torch.inference_mode():
-            features = model.encode_image(torch.stack([j.pixels for j in group]))
-            features = features.repeat_interleave(counts.to(features.device), dim=0)
-        queries_np = encode_queries(model, trait_ids, features=features)  # the evaluator's query path
-        for pos, chunk in zip(positions, np.split(queries_np, np.cumsum(counts.numpy())[:-1]), strict=True):
-            out[pos] = np.ascontiguousarray(chunk, dtype=np.float32)
+        # The core's one photo-query path (also the Python API's): one backbone pass per photo.
+        queries = encode_photo_queries(group[0].bundle.checkpoint.model, torch.stack([j.pixels for j in group]),
+                                       [j.trait_ids for j in group])
+        for pos, chunk in zip(positions, queries, strict=True):
+            out[pos] = chunk
     return out
 
 
