@@ -157,3 +157,15 @@ def test_grid_features_are_cached_under_their_own_key_and_pool_to_the_vectors(tm
     assert grid.shape == (3, 1, 4, backbone.num_features) and pooled.shape == (3, 1, backbone.num_features)
     assert torch.allclose(torch.from_numpy(grid).mean(dim=2), torch.from_numpy(pooled), atol=1e-5)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_character_level_decoder_trains_with_the_same_loop(synthetic_dataset: Path, tmp_path: Path) -> None:
+    tree = generator_tree(synthetic_dataset, tmp_path / "cache", family="showtell")
+    tree["model"]["decoder"].update(vocab={"level": "char", "max_tokens": 60},
+                                    decoding={"method": "greedy", "max_length": 60})
+    tree["train"].update(epochs=1, max_steps_per_epoch=3)
+    result = train_generator(build_config(tree), tmp_path / "run")
+    loaded = load_generator(result.best_checkpoint)
+    assert loaded.model.vocab.level == "char" and " " in loaded.model.vocab.tokens
+    assert len(loaded.model.vocab) < 60  # characters, not words
+    assert isinstance(result.report["val"]["cider_d"], float)
