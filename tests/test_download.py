@@ -141,7 +141,8 @@ def test_flickr8k_download_loads_and_trains(server: _Server, tmp_path: Path, tin
     assert len(server.requests) == asked
 
 
-def test_personality_captions_download_skips_failed_photos_and_resumes(server: _Server, tmp_path: Path) -> None:
+def test_personality_captions_download_skips_failed_photos_resumes_and_trains(server: _Server, tmp_path: Path,
+                                                                             tiny_text_model: Path) -> None:
     hashes = [hashlib.md5(str(i).encode()).hexdigest() for i in range(6)]  # YFCC hashes look like md5 hex
     records = {
         "train": [{"image_hash": h, "personality": "Sweet", "comment": f"Aww, photo {i}."}
@@ -180,6 +181,18 @@ def test_personality_captions_download_skips_failed_photos_and_resumes(server: _
     assert sorted(server.requests) == sorted([f"/yfcc/{h[:3]}/{h[3:6]}/{h}.jpg" for h in missing])
     assert (out / "failed_images.txt").read_text().split("\t")[0] == hashes[4]
     assert len(load_dataset(out / "train.json")) == 4
+
+    from tests.helpers import tiny_tree
+    from transresnet.config import build_config
+    from transresnet.train import train
+
+    traits = {"personality": {"traits_file": str(out / "personalities.txt")}}
+    data = {"train": str(out / "train.json"), "val": str(out / "test.json"),  # val's one photo is still missing
+            "feature_cache": str(tmp_path / "features")}
+    result = train(build_config(tiny_tree(tiny_text_model, model=traits, data=data,
+                                          train={"epochs": 1, "batch_size": 4})), tmp_path / "run")
+    assert result.best_checkpoint.is_dir()
+    assert result.metrics["val"]["queries"] == 1  # the test record ranked against its own two candidates
 
 
 def test_known_checksum_and_size_are_checked(server: _Server, tmp_path: Path) -> None:
