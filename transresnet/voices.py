@@ -216,6 +216,9 @@ def write_voiced_dataset(
         if chosen:
             records = _candidate_records(chosen, photos, list(voices), num_candidates, seed)
             atomic_write_text(out / f"{split}.json", json.dumps(records, indent=1))
+    if not any(p.split in CANDIDATE_SPLITS for p in photos):
+        logger.warning("%s has no val or test split: no candidate files written (splits: %s)", captions,
+                       ", ".join(dataset.splits()))
     csv_path = out / "captions.csv"
     atomic_write_csv(csv_path, ["image", "split", "caption", "personality"],
                      ([p.name, p.split, caption, voice]
