@@ -28,11 +28,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from transresnet.files import write_text_atomic
 from transresnet.voices import (  # noqa: F401  (VOICE_TEMPLATES: re-exported for callers of this module)
     VOICE_TEMPLATES,
     VOICES,
     atomic_write_csv,
-    atomic_write_text,
     num_templates,
     template_for,
 )
@@ -216,12 +216,12 @@ def generate_synthetic_dataset(
         rng = random.Random(f"transresnet-synth:{seed}:{index}")
         images.append(_make_image(out_dir / "images", image_id, splits[index], rng, image_size))
 
-    atomic_write_text(out_dir / "personalities.txt", "".join(f"{v}\n" for v in VOICES))
+    write_text_atomic(out_dir / "personalities.txt", "".join(f"{v}\n" for v in VOICES))
     atomic_write_csv(out_dir / "attributes.csv", ["image", "split", "shape", "color", "count", "size", "background"],
                ([f"{im.image_id}.jpg", im.split, *astuple(im.attrs)] for im in images))
     for split in ("val", "test"):
         records = _candidate_records([im for im in images if im.split == split], num_candidates, seed)
-        atomic_write_text(out_dir / f"{split}.json", json.dumps(records, indent=1))
+        write_text_atomic(out_dir / f"{split}.json", json.dumps(records, indent=1))
     csv_path = out_dir / "captions.csv"
     atomic_write_csv(csv_path, ["image", "split", "caption", "personality"],
                ([f"{im.image_id}.jpg", im.split, caption, voice]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from transresnet.data import CaptionRecord, load_dataset
+from transresnet.files import fsync_dir, write_text_atomic
 from transresnet.keys import text_key
 
 logger = logging.getLogger(__name__)
@@ -210,12 +211,12 @@ def write_voiced_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _link_images(photos, out / "images")
-    atomic_write_text(out / "personalities.txt", "".join(f"{v}\n" for v in voices))
+    write_text_atomic(out / "personalities.txt", "".join(f"{v}\n" for v in voices))
     for split in CANDIDATE_SPLITS:
         chosen = [p for p in photos if p.split == split]
         if chosen:
             records = _candidate_records(chosen, photos, list(voices), num_candidates, seed)
-            atomic_write_text(out / f"{split}.json", json.dumps(records, indent=1))
+            write_text_atomic(out / f"{split}.json", json.dumps(records, indent=1))
     if not any(p.split in CANDIDATE_SPLITS for p in photos):
         logger.warning("%s has no val or test split: no candidate files written (splits: %s)", captions,
                        ", ".join(dataset.splits()))
@@ -338,18 +339,19 @@ def link_or_copy(source: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` under a temporary name beside ``path`` and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def atomic_write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV with ``header`` and ``rows``, written under a temporary name and renamed into place."""
+    """A CSV with ``header`` and ``rows``, streamed to a temporary file beside ``path``, fsynced and renamed into
+    place (the CSV twin of :func:`transresnet.files.write_text_atomic`; ``newline=""`` as the csv module wants)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
