@@ -146,3 +146,23 @@ def test_serve_with_a_damaged_checkpoint_or_an_empty_index_is_one_line(tiny_chec
         errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
         assert result.returncode == 2 and len(errors) == 1 and expected in errors[0], result.stderr
         assert "http://" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_flag_has_help_without_none_defaults_or_backticks() -> None:
+    import argparse
+
+    from transresnet.cli import build_parser
+
+    problems = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.dest != "help" and (not action.help or "default: None" in action.help
+                                            or "`" in action.help):
+                problems.append(f"{path} {'/'.join(action.option_strings) or action.dest}: {action.help!r}")
+
+    walk(build_parser(), "transresnet")
+    assert problems == []

@@ -116,5 +116,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-batching", action="store_true", help="encode and search one request at a time")
     serve.add_argument("--threads", type=int, help="torch CPU threads for image encoding (default: torch's)")
     serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demo (default .cache/demo)")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn and service log level (default info)")
     serve.set_defaults(func=_serve)
