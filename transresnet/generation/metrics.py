@@ -32,8 +32,7 @@ def _scorers():
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError:  # pragma: no cover - the dev extra installs it
-        raise ImportError("captioning metrics need pycocoevalcap: pip install pycocoevalcap "
-                          "(or the project's dev extra)") from None
+        raise ImportError("captioning metrics need pycocoevalcap: pip install 'transresnet[generation]'") from None
     return Bleu, Rouge, Cider
 
 
