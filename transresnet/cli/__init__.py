@@ -82,8 +82,8 @@ def _option_problem(error: Any) -> str:
 
 
 # Failures a user can fix: bad options or configs, missing or unreadable files, FAISS and torch refusing
-# input (RuntimeError). Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+# input (RuntimeError), an optional extra not installed (ImportError). Anything else keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:
