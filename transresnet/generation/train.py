@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from transresnet.checkpoint import WEIGHTS, load_weights
 from transresnet.config import ExperimentConfig, dump_config
@@ -30,6 +29,7 @@ from transresnet.generation.checkpoint import CaptionModel, save_generator
 from transresnet.generation.data import Example, Query, build_examples, grid_features, group_queries, teacher_forcing
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
 from transresnet.generation.vocab import PAD_ID, Vocabulary
+from transresnet.progress import progress
 from transresnet.train import _build_traits, _load_splits, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,13 @@ class GeneratorTrainer:
 
     def train_epoch(self, epoch: int) -> float:
         self.model.decoder.train()
-        losses = []
-        bar = tqdm(self._batches(epoch), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=None)
-        for batch in bar:
-            losses.append(self._step(batch))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        losses: list[float] = []
+        batches = self._batches(epoch)
+        with progress(len(batches), f"epoch {epoch + 1} of {self.config.train.epochs}", "batches") as bar:
+            for batch in batches:
+                losses.append(self._step(batch))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
         return float(np.mean(losses)) if losses else float("nan")
 
     def captions(self, queries: Sequence[Query], slots: Sequence[int], options) -> list[str]:
