@@ -464,7 +464,7 @@ def synthesize_if_missing(config: ExperimentConfig) -> None:
                          f"at {written}")
 
 
-def _load_splits(config: ExperimentConfig) -> tuple[list[CaptionRecord], list[CaptionRecord], list[CaptionRecord]]:
+def load_splits(config: ExperimentConfig) -> tuple[list[CaptionRecord], list[CaptionRecord], list[CaptionRecord]]:
     data = config.data
     if not data.train:
         raise ValueError("data.train is not set; point it at a captions CSV, Personality-Captions JSON or "
@@ -478,7 +478,7 @@ def _load_splits(config: ExperimentConfig) -> tuple[list[CaptionRecord], list[Ca
     return train, val, test
 
 
-def _build_traits(config: ExperimentConfig, train: Sequence[CaptionRecord]) -> TraitVocab:
+def build_traits(config: ExperimentConfig, train: Sequence[CaptionRecord]) -> TraitVocab:
     if config.model.personality.traits_file:
         return TraitVocab.from_file(config.model.personality.traits_file)
     return TraitVocab.from_traits(r.personality for r in train)
@@ -490,8 +490,8 @@ class Trainer:
         self.out_dir = out_dir
         self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)
-        self.train_records, val_records, test_records = _load_splits(config)
-        traits = _build_traits(config, self.train_records)
+        self.train_records, val_records, test_records = load_splits(config)
+        traits = build_traits(config, self.train_records)
         self.model = create_model(config.model, traits, captions=[r.caption for r in self.train_records])
         self.model.to(self.device)
         all_paths = list(dict.fromkeys(r.image_path for r in (*self.train_records, *val_records, *test_records)))

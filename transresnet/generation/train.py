@@ -30,7 +30,7 @@ from transresnet.generation.data import Example, Query, build_examples, grid_fea
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
 from transresnet.generation.vocab import PAD_ID, Vocabulary
 from transresnet.progress import progress
-from transresnet.train import _build_traits, _load_splits, seed_everything
+from transresnet.train import build_traits, load_splits, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ class GeneratorTrainer:
         self.out_dir = out_dir
         self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)
-        self.train_records, val_records, _ = _load_splits(config)
+        self.train_records, val_records, _ = load_splits(config)
         vocab_cfg = config.model.decoder.vocab
         vocab = Vocabulary.build([r.caption for r in self.train_records], level=vocab_cfg.level,
                                  min_count=vocab_cfg.min_count, max_size=vocab_cfg.max_size)
-        traits = _build_traits(config, self.train_records)
+        traits = build_traits(config, self.train_records)
         self.model = CaptionModel(config, vocab, traits).to(self.device)
         paths = list(dict.fromkeys(r.image_path for r in (*self.train_records, *val_records)))
         self.image_rows = {p: i for i, p in enumerate(paths)}
