@@ -102,11 +102,20 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.active = 0
 
+    @property
+    def full(self) -> bool:
+        return self.active >= self.limit
+
+    def refusal(self, *, close: bool = False) -> Overloaded:
+        """The 503; ``close``: the request body was left unread, so the connection cannot be reused."""
+        headers = {"Retry-After": str(self.retry_after_s), **({"Connection": "close"} if close else {})}
+        return Overloaded(f"the server is at its limit of {self.limit} caption requests in flight; retry in "
+                          f"{self.retry_after_s}s", headers=headers)
+
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
-        if self.active >= self.limit:
-            raise Overloaded(f"the server is at its limit of {self.limit} caption requests in flight; retry in "
-                             f"{self.retry_after_s}s", headers={"Retry-After": str(self.retry_after_s)})
+        if self.full:
+            raise self.refusal(close=True)
         self.active += 1
         try:
             yield

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -258,6 +259,36 @@ def test_abandoned_requests_leave_the_pipeline(service_settings):
         assert gate.batches == [1]  # the abandoned five were never encoded
         text = httpx.get(f"{served.base_url}/metrics").text
         assert 'route="/v1/captions",status="499"} 5.0' in text
+
+
+BIG_JPEG = image_bytes("JPEG", size=(400, 300), seed=11)  # about 70 KB of noise
+
+
+def test_refused_requests_never_break_a_keep_alive_client(service_settings):
+    """Refusals from 16 threads sharing one keep-alive pool are all clean 503s. The server reads and drops a
+    small refused body first: a socket closed with unread request bytes is reset by the kernel, and the
+    client would see a transport error instead of the 503 (seen as rare ReadErrors in the soak's overload)."""
+    with Served(service_settings, max_in_flight=1, read_timeout_s=5.0) as served:
+        socks = hold_slots(served, 1)
+        errors, statuses = [], []
+
+        def post(client: httpx.Client) -> None:
+            for _ in range(25):
+                try:
+                    response = client.post("/v1/captions", files={"image": ("p.jpg", BIG_JPEG, "image/jpeg")},
+                                           data={"personality": "Sweet"})
+                    statuses.append(response.status_code)
+                except httpx.TransportError as err:
+                    errors.append(type(err).__name__)
+
+        try:
+            with httpx.Client(base_url=served.base_url, timeout=10) as client:
+                with ThreadPoolExecutor(16) as pool:
+                    list(pool.map(post, [client] * 16))
+        finally:
+            for sock in socks:
+                sock.close()
+        assert errors == [] and set(statuses) == {503}
 
 
 def test_stage_timeout_is_503(service_settings):

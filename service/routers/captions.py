@@ -167,6 +167,8 @@ def build_response(bundle: Bundle, names: Sequence[str], slots: Sequence[int], k
 )
 async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsResponse:
     settings = resources.settings
+    if resources.ranker.admission.full:
+        raise resources.ranker.admission.refusal(close=not await drain_small_body(request))
     with resources.ranker.admission.slot():  # 503 at once when full: before a byte of the body is read
         query = await _read_request(request, settings)
         bundle = resources.bundle  # held for the whole request: a reload never changes it under us
@@ -176,6 +178,27 @@ async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsRe
         ranking = await until_disconnected(request, resources.ranker.rank(bundle, query.image, slots, k))
     resources.metrics.personalities.inc(len(slots))
     return build_response(bundle, names, slots, query.k, ranking)
+
+
+DRAIN_BYTES = 1 << 20
+"""Bodies up to this size are read and dropped before a 503, so the connection closes cleanly: closing a
+socket with unread request bytes makes the kernel send a reset, which the client sees as a failed request
+instead of the 503. Larger bodies are refused at once with Connection: close."""
+DRAIN_TIMEOUT_S = 1.0
+
+
+async def drain_small_body(request: Request) -> bool:
+    """Read and drop a declared-small body (bounded in size and time); True when it was read to the end."""
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > DRAIN_BYTES:
+        return False
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in request.stream():
+                pass
+    except (TimeoutError, ClientDisconnect):
+        return False
+    return True
 
 
 async def _read_request(request: Request, settings: ServiceSettings) -> CaptionsInput:
