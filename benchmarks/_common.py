@@ -1,12 +1,18 @@
-"""Shared helpers of the benchmark scripts: environment, timing, machine description, tables, JSON."""
+"""Shared helpers of the benchmark scripts: environment, timing, machine description, tables, JSON, and the
+`transresnet serve` subprocess and request bodies the service benchmarks drive."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,3 +77,52 @@ def write_json(path: Path | None, name: str, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def multipart_body(data: bytes, traits: Sequence[str], k: int = 5, filename: str = "photo.jpg",
+                   content_type: str = "image/jpeg") -> tuple[bytes, str]:
+    """A ready-made multipart caption request, so a load client spends no CPU encoding it during a run."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+             f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"]
+    for name, value in [("k", str(k))] + [("personality", t) for t in traits]:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                     + value.encode() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """`transresnet serve` in a subprocess on a free loopback port; ``start`` waits for /readyz."""
+
+    def __init__(self, flags: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "transresnet", "serve", "--port", str(self.port), "--log-level",
+                   "warning", *flags]
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self.log,
+                                        stderr=subprocess.STDOUT, cwd=cwd)
+
+    def start(self, timeout: float = 300.0) -> None:
+        from transresnet.service.readiness import wait_until_ready
+
+        try:
+            wait_until_ready(self.base_url, self.process, timeout=timeout)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; see {self.log.name}") from None
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()

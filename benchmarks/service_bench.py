@@ -16,72 +16,31 @@ import json
 import logging
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from transresnet.service.readiness import wait_until_ready
+from _common import ServeProcess, multipart_body  # the script folder is on sys.path
 
 logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def multipart_body(data: bytes, name: str, personalities: list[str], k: int) -> tuple[bytes, str]:
-    """A ready-made multipart body, so the client spends no CPU on encoding during the run."""
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n"]
-    for field, value in [("k", str(k))] + [("personality", p) for p in personalities]:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
-class Server:
-    """`transresnet serve` in a subprocess; ready once /readyz answers 200."""
-
-    def __init__(self, args: argparse.Namespace, batching: bool) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "transresnet", "serve", "--checkpoint", str(args.checkpoint),
-                   "--index", str(args.index), "--port", str(self.port), "--log-level", "warning"]
-        for flag, value in (("--max-batch", args.max_batch), ("--max-search-batch", args.max_search_batch),
-                            ("--max-wait-ms", args.max_wait_ms)):
-            if value is not None:
-                command += [flag, str(value)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        if not batching:
-            command.append("--no-batching")
-        self.log = open(args.out.with_suffix(f".server-{'batched' if batching else 'unbatched'}.log"), "w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        try:
-            wait_until_ready(self.base_url, self.process, timeout=timeout)
-        except RuntimeError as err:
-            raise RuntimeError(f"{err}; see {self.log.name}") from None
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+def start_server(args: argparse.Namespace, batching: bool) -> ServeProcess:
+    """`transresnet serve` of the checkpoint and index under test, batched or not."""
+    flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
+    for flag, value in (("--max-batch", args.max_batch), ("--max-search-batch", args.max_search_batch),
+                        ("--max-wait-ms", args.max_wait_ms)):
+        if value is not None:
+            flags += [flag, str(value)]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    if not batching:
+        flags.append("--no-batching")
+    return ServeProcess(flags, args.out.with_suffix(f".server-{'batched' if batching else 'unbatched'}.log"))
 
 
 async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency: int,
@@ -132,13 +91,13 @@ def load_bodies(args: argparse.Namespace) -> list[tuple[bytes, str]]:
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
     if not paths:
         raise SystemExit(f"no .jpg files in {args.images}")
-    return [multipart_body(p.read_bytes(), p.name, args.personality, args.k) for p in paths]
+    return [multipart_body(p.read_bytes(), args.personality, args.k, filename=p.name) for p in paths]
 
 
 def bench_mode(args: argparse.Namespace, bodies: list[tuple[bytes, str]], batching: bool) -> list[dict[str, Any]]:
-    server = Server(args, batching)
+    server = start_server(args, batching)
     try:
-        server.wait_ready()
+        server.start()
         asyncio.run(run_level(server.base_url, bodies, 4, args.warmup))  # warm caches, allocator, JIT paths
         results = []
         for concurrency in args.concurrency:

@@ -22,12 +22,9 @@ import argparse
 import asyncio
 import io
 import logging
-import os
 import random
 import re
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,14 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, RESULTS, loadavg, machine, setup_env, write_json
+from _common import REPO, RESULTS, ServeProcess, loadavg, machine, multipart_body, setup_env, write_json
 
 setup_env()
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from transresnet.service.readiness import wait_until_ready  # noqa: E402
 
 from transresnet.tables import format_table  # noqa: E402
 
@@ -73,14 +69,8 @@ def noise_jpeg(target_bytes: int, seed: int) -> bytes:
 
 
 def multipart(data: bytes, traits: list[str], k: int = 5, filename: str = "photo.jpg") -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-             "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"]
-    for name, value in [("k", str(k))] + [("personality", t) for t in traits]:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-                     + value.encode() + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    """A caption request whose image part claims no type (hostile inputs say what they are only in bytes)."""
+    return multipart_body(data, traits, k, filename=filename, content_type="application/octet-stream")
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -131,21 +121,12 @@ def hostile_inputs() -> list[tuple[str, bytes, list[str], set[int]]]:
 
 # ------------------------------------------------------------------------------------------ server
 
-class Server:
-    """`transresnet serve` in a subprocess, with RSS sampled every 50 ms."""
+class Server(ServeProcess):
+    """`transresnet serve` in a subprocess (admin token set), with RSS sampled every 50 ms."""
 
     def __init__(self, checkpoint: Path | None, index: Path | None, log_path: Path, env: dict[str, str]) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "transresnet", "serve", "--port", str(self.port), "--log-level", "warning"]
-        if checkpoint is not None:
-            command += ["--checkpoint", str(checkpoint), "--index", str(index)]
-        full_env = {**os.environ, "TRANSRESNET_ADMIN_TOKEN": ADMIN_TOKEN, **env}
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(command, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=REPO)
+        flags = ["--checkpoint", str(checkpoint), "--index", str(index)] if checkpoint is not None else []
+        super().__init__(flags, log_path, env={"TRANSRESNET_ADMIN_TOKEN": ADMIN_TOKEN, **env}, cwd=REPO)
         self.peak_rss = 0
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -166,8 +147,8 @@ class Server:
     def reset_peak(self) -> None:
         self.peak_rss = self.rss()
 
-    def start(self, timeout: float) -> None:
-        wait_until_ready(self.base_url, self.process, timeout=timeout)
+    def start(self, timeout: float = 300.0) -> None:
+        super().start(timeout)
         self._sampler.start()
 
     def metric(self, text: str, pattern: str) -> float:
@@ -176,12 +157,7 @@ class Server:
 
     def stop(self) -> None:
         self._stop.set()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+        super().stop()
 
 
 # ------------------------------------------------------------------------------------------ load

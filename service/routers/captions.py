@@ -168,7 +168,8 @@ def build_response(bundle: Bundle, names: Sequence[str], slots: Sequence[int], k
 async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsResponse:
     settings = resources.settings
     if resources.ranker.admission.full:
-        raise resources.ranker.admission.refusal(close=not await drain_small_body(request))
+        drained = await drain_small_body(request, settings.read_timeout_s)
+        raise resources.ranker.admission.refusal(close=not drained)
     with resources.ranker.admission.slot():  # 503 at once when full: before a byte of the body is read
         query = await _read_request(request, settings)
         bundle = resources.bundle  # held for the whole request: a reload never changes it under us
@@ -184,16 +185,16 @@ DRAIN_BYTES = 1 << 20
 """Bodies up to this size are read and dropped before a 503, so the connection closes cleanly: closing a
 socket with unread request bytes makes the kernel send a reset, which the client sees as a failed request
 instead of the 503. Larger bodies are refused at once with Connection: close."""
-DRAIN_TIMEOUT_S = 1.0
 
 
-async def drain_small_body(request: Request) -> bool:
-    """Read and drop a declared-small body (bounded in size and time); True when it was read to the end."""
+async def drain_small_body(request: Request, timeout_s: float) -> bool:
+    """Read and drop a declared-small body (at most DRAIN_BYTES, within the body read timeout a normal
+    request gets); True when it was read to the end."""
     length = request.headers.get("content-length", "")
     if not length.isdigit() or int(length) > DRAIN_BYTES:
         return False
     try:
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             async for _ in request.stream():
                 pass
     except (TimeoutError, ClientDisconnect):
