@@ -69,6 +69,11 @@ class ReloadPathForbidden(ServiceError):
     code = "reload_path_forbidden"
 
 
+class NotFound(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
 class Overloaded(ServiceError):
     status_code = 503
     code = "overloaded"

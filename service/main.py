@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import ServiceError, validation_error
 from .metrics import ServiceMetrics
 from .resources import Resources
-from .routers import admin, captions, health, metrics, personalities, web
+from .routers import admin, captions, health, metrics, personalities, samples, web
 from .security import HeaderLimitMiddleware, SecurityHeadersMiddleware
 from .settings import ServiceSettings
 
@@ -145,8 +145,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.resources = None
-    for router in (captions.router, personalities.router, health.router, admin.router, metrics.router,
-                   web.router):
+    for router in (captions.router, personalities.router, samples.router, health.router, admin.router,
+                   metrics.router, web.router):
         app.include_router(router)
     app.mount(web.DOCS_ASSETS_URL, StaticFiles(directory=web.DOCS_ASSETS_DIR), name="docs-assets")
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

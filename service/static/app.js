@@ -92,6 +92,30 @@ async function loadTraits() {
   }
 }
 
+async function useSample(sample) {
+  try {
+    const response = await fetch(sample.url);
+    if (!response.ok) throw new Error(response.statusText);
+    const blob = await response.blob();
+    setFile(new File([blob], sample.name, { type: blob.type || "image/jpeg" }));
+  } catch (err) {
+    showError(`Could not load the sample photo: ${err.message}`);
+  }
+}
+
+async function loadSamples() {
+  try {
+    const response = await fetch("/v1/samples");
+    if (!response.ok) return;
+    const body = await response.json();
+    if (!body.samples.length) return;
+    $("sample-list").replaceChildren(...body.samples.map((sample) =>
+      el("button", { type: "button", className: "sample", title: sample.name, onclick: () => useSample(sample) },
+         el("img", { src: sample.url, alt: sample.name }))));
+    $("samples").hidden = false;
+  } catch (err) { /* samples are a convenience; the page works without them */ }
+}
+
 async function loadModelInfo() {
   try {
     const response = await fetch("/readyz");
@@ -168,4 +192,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("caption-form").addEventListener("submit", submit);
   loadTraits();
   loadModelInfo();
+  loadSamples();
 });
