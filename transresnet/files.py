@@ -3,13 +3,16 @@ and the atomic steps that checkpoints, training states and index versions are pu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +114,14 @@ def remove_stale(folder: Path, prefix: str) -> list[Path]:
     return removed
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step: temp file beside it, fsync, ``os.replace``, fsync dir."""
+@contextlib.contextmanager
+def atomic_output(path: Path, *, newline: str | None = None) -> Iterator[TextIO]:
+    """A text handle whose content replaces ``path`` in one step when the block ends (temp file beside it
+    named after its writer, fsync, ``os.replace``, fsync of the folder); on an error ``path`` is untouched."""
     temp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(3)}{owner_tag()}")
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(temp, "w", encoding="utf-8", newline=newline) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -124,3 +129,9 @@ def write_text_atomic(path: Path, text: str) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step (see :func:`atomic_output`)."""
+    with atomic_output(path) as handle:
+        handle.write(text)

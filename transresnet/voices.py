@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from transresnet.data import CaptionRecord, load_dataset
-from transresnet.files import fsync_dir, write_text_atomic
+from transresnet.files import atomic_output, write_text_atomic
 from transresnet.keys import text_key
 
 logger = logging.getLogger(__name__)
@@ -340,18 +340,9 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 
 def atomic_write_csv(path: Path, header: list[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A CSV with ``header`` and ``rows``, streamed to a temporary file beside ``path``, fsynced and renamed into
-    place (the CSV twin of :func:`transresnet.files.write_text_atomic`; ``newline=""`` as the csv module wants)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """A CSV with ``header`` and ``rows``, streamed into place atomically (:func:`transresnet.files.atomic_output`;
+    ``newline=""`` as the csv module wants)."""
+    with atomic_output(path, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
