@@ -19,6 +19,8 @@ IndexType = Literal["flat", "ivf", "hnsw", "ivfpq"]
 BuildIndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
+IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
+"""Where a loaded caption index is searched: auto = the GPU(s) FAISS sees (sharded over several), else CPU."""
 Protocol = Literal["candidates", "candidates500", "pool", "generate"]
 TraitMode = Literal["given", "shuffled", "none"]
 
