@@ -1,9 +1,11 @@
-"""Candidate-caption sources: a text file (one caption per line), CSV, or JSONL.
+"""Candidate-caption sources: text files (one caption per line), CSV, JSONL or Parquet; one file, several,
+or a folder of shards (its caption files, sorted by path, read as one source).
 
-CSV and JSONL rows need a ``caption`` field and may carry ``id``, ``personality`` and any other metadata
+CSV, JSONL and Parquet rows need a ``caption`` field and may carry ``id``, ``personality`` and any other metadata
 columns, which travel with the caption into the index. Empty captions and duplicates (same text up to
 case and whitespace, which the encoder would map to the same vector anyway) are dropped, counted and
-logged; the first occurrence of a duplicate keeps its id and metadata.
+logged; the first occurrence of a duplicate keeps its id and metadata (across files, in source order).
+Both index build engines read through :func:`read_rows` and deduplicate with :func:`collect`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,15 @@ PERSONALITY = "personality"
 TEXT_SUFFIXES = (".txt",)
 CSV_SUFFIXES = (".csv", ".tsv")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = (*TEXT_SUFFIXES, *CSV_SUFFIXES, *JSONL_SUFFIXES, *PARQUET_SUFFIXES)
+PARQUET_BATCH_ROWS = 65_536
 FORMAT_HELP = ("a caption file is .txt (one caption per line), .csv/.tsv with a header row holding a "
-               "'caption' column, or .jsonl with one object per line holding a 'caption' field; "
-               "'id', 'personality' and other columns are optional")
+               "'caption' column, .jsonl with one object per line holding a 'caption' field, or .parquet with "
+               "a 'caption' column; 'id', 'personality' and other columns are optional; a folder is read as "
+               "all such files in it (sorted by path)")
+Source = str | Path | Sequence[str | Path]
+"""One caption file, a folder of them, or several of either (read in the order given)."""
 
 
 @dataclass
@@ -99,6 +107,24 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield row
 
 
+def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq  # only Parquet sources pay for it
+
+    try:
+        source = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for a non-Parquet file
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); {FORMAT_HELP}") from None
+    columns = source.schema_arrow.names
+    if CAPTION not in columns:
+        raise ValueError(f"{path} has no '{CAPTION}' column (columns: {', '.join(columns) or 'none'}); "
+                         f"rename the caption column to '{CAPTION}'. {FORMAT_HELP}")
+    for batch in source.iter_batches(batch_size=PARQUET_BATCH_ROWS):  # bounded memory for large shards
+        yield from batch.to_pylist()
+
+
+READERS = {"text": _read_text, "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+
+
 def detect_format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
@@ -107,6 +133,8 @@ def detect_format(path: Path) -> str:
         return "csv"
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
     raise ValueError(f"cannot tell the format of {path} from its suffix {suffix!r}; {FORMAT_HELP}")
 
 
@@ -144,19 +172,65 @@ def collect(rows: Iterable[dict[str, Any]], *, source: str = "", fmt: str = "") 
     return table
 
 
-def read_captions(path: str | Path) -> CaptionTable:
-    """Read a caption source file into a deduplicated :class:`CaptionTable`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"caption file {path} not found; {FORMAT_HELP}")
-    fmt = detect_format(path)
-    reader = {"text": _read_text, "csv": _read_csv, "jsonl": _read_jsonl}[fmt]
-    table = collect(reader(path), source=str(path), fmt=fmt)
+def as_text_row(row: dict[str, Any]) -> dict[str, str | None]:
+    """A source row with every value in the text form :func:`collect` stores (so it can travel as strings)."""
+    return {name: _scalar(value) for name, value in row.items()}
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """The raw rows of one caption file (the one parser of every format, for both build engines)."""
+    return READERS[detect_format(path)](path)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    # Hidden files and Spark/Hadoop markers (_SUCCESS, .crc) are not captions.
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+    if not files:
+        raise ValueError(f"folder {folder} holds no caption files ({', '.join(SUFFIXES)}); {FORMAT_HELP}")
+    return files
+
+
+def source_files(source: Source) -> list[Path]:
+    """The caption files of ``source``, in reading order; a clear error for a missing path."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    if not items:
+        raise ValueError(f"no caption source given; {FORMAT_HELP}")
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += _folder_files(item)
+        elif item.is_file():
+            detect_format(item)  # an unknown suffix fails before any reading
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"caption source {item} not found; {FORMAT_HELP}")
+    return files
+
+
+def describe_source(source: Source, files: Sequence[Path]) -> tuple[str, str]:
+    """The manifest's ``source.path`` and ``source.format`` of a (possibly multi-file) source."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    formats = list(dict.fromkeys(detect_format(f) for f in files))
+    return ", ".join(str(i) for i in items), "+".join(formats)
+
+
+def checked(table: CaptionTable) -> CaptionTable:
+    """Refuse a source with no captions; log what was dropped."""
     if not table.captions:
-        raise ValueError(f"{path} holds no non-empty captions; {FORMAT_HELP}")
+        raise ValueError(f"{table.source} holds no non-empty captions; {FORMAT_HELP}")
     if table.dropped_empty or table.dropped_duplicate:
-        logger.warning("%s: dropped %d empty and %d duplicate captions of %d rows; %d kept", path,
+        logger.warning("%s: dropped %d empty and %d duplicate captions of %d rows; %d kept", table.source,
                        table.dropped_empty, table.dropped_duplicate, table.rows_read, len(table))
     else:
-        logger.info("%s: %d captions", path, len(table))
+        logger.info("%s: %d captions", table.source, len(table))
     return table
+
+
+def read_captions(source: Source) -> CaptionTable:
+    """Read caption files (one, several, or a folder of shards) into one deduplicated :class:`CaptionTable`;
+    rows are numbered across files, so an id-less row's id is its position in the whole source."""
+    files = source_files(source)
+    label, fmt = describe_source(source, files)
+    rows = (row for path in files for row in read_rows(path))
+    return checked(collect(rows, source=label, fmt=fmt))

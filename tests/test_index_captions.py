@@ -51,7 +51,8 @@ def test_jsonl_ids_and_late_columns(tmp_path: Path) -> None:
     ("c.csv", "image,text\na.jpg,hello\n", "no 'caption' column"),
     ("c.jsonl", '{"text": "hello"}\n', "no 'caption' field"),
     ("c.jsonl", "{not json\n", "not valid JSON"),
-    ("c.parquet", "x", "cannot tell the format"),
+    ("c.xlsx", "x", "cannot tell the format"),
+    ("c.parquet", "x", "not a readable Parquet file"),
     ("c.txt", "\n  \n", "no non-empty captions"),
 ])
 def test_bad_sources_say_what_to_fix(tmp_path: Path, name: str, content: str, message: str) -> None:
@@ -64,6 +65,41 @@ def test_bad_sources_say_what_to_fix(tmp_path: Path, name: str, content: str, me
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         read_captions(tmp_path / "nope.csv")
+
+
+def test_several_files_and_a_folder_read_as_one_source(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = tmp_path / "shards"
+    (shards / "part-1").mkdir(parents=True)
+    (shards / "a.csv").write_text("caption,personality\nA dog runs.,Sweet\n,Angry\n", encoding="utf-8")
+    (shards / "part-1" / "b.jsonl").write_text('{"caption": "a DOG runs."}\n{"caption": "A cat."}\n',
+                                               encoding="utf-8")
+    pq.write_table(pa.table({"caption": ["A cat.", "A bird."], "id": ["p0", None]}), shards / "part-1" / "c.parquet")
+    (shards / "_SUCCESS").write_text("", encoding="utf-8")  # writer markers and hidden files are skipped
+    (shards / ".c.parquet.crc").write_text("x", encoding="utf-8")
+    table = read_captions(shards)
+    assert table.captions == ["A dog runs.", "A cat.", "A bird."]
+    assert table.ids == ["0", "3", "5"]  # row numbers run across the files, in path order
+    assert table.metadata["personality"] == ["Sweet", None, None]
+    assert (table.rows_read, table.dropped_empty, table.dropped_duplicate) == (6, 1, 2)
+    assert table.format == "csv+jsonl+parquet"
+    # The same files named one by one give the same table.
+    files = [shards / "a.csv", shards / "part-1" / "b.jsonl", shards / "part-1" / "c.parquet"]
+    assert read_captions(files).captions == table.captions
+
+
+def test_empty_folder_and_parquet_without_captions_say_what_to_fix(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no caption files"):
+        read_captions(tmp_path / "empty")
+    pq.write_table(pa.table({"text": ["hello"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        read_captions(tmp_path / "t.parquet")
 
 
 @pytest.mark.shared
