@@ -7,6 +7,7 @@ import logging
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -80,7 +81,7 @@ class Tuning:
     seconds: float
 
 
-def _held_out(n: int, count: int, seed: int) -> np.ndarray:
+def held_out_rows(n: int, count: int, seed: int) -> np.ndarray:
     """Caption rows used as tuning queries (kept out of the IVF/PQ training sample)."""
     count = min(count, max(1, n // 10))
     return np.sort(np.random.default_rng(seed + 1).choice(n, size=count, replace=False))
@@ -91,12 +92,24 @@ def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOption
     """Build the index and tune its search parameters to the recall target; returns a CPU index."""
     n, dim = vectors.shape
     queries_file = load_queries(options.queries, dim) if options.queries else None
-    held_out = None if queries_file is not None or spec.type == "flat" else _held_out(n, options.tune_queries,
-                                                                                     options.seed)
+    held_out = None if queries_file is not None or spec.type == "flat" else held_out_rows(n, options.tune_queries,
+                                                                                         options.seed)
     train_ids = None
     if held_out is not None and n > len(held_out):
         train_ids = np.setdiff1d(np.arange(n), held_out)  # tuning queries stay unseen by k-means/PQ
     index, timings = fx.build_faiss_index(vectors, spec, train_ids=train_ids, seed=options.seed)
+    tuning = tune_index(index, vectors, spec, options, held_out=held_out, queries_file=queries_file)
+    timings["tune_s"] = tuning.seconds
+    cpu_index = fx.to_cpu(index)
+    fx.apply_params(cpu_index, tuning.params)  # persisted, so a plain faiss.read_index gets them too
+    return cpu_index, tuning, timings
+
+
+def tune_index(index: faiss.Index, vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOptions, *,
+               held_out: np.ndarray | None, queries_file: np.ndarray | None) -> Tuning:
+    """Tune ``index`` to the recall target against exact search of ``vectors`` (row i = FAISS id i), with
+    the query vectors file's queries or else the ``held_out`` rows (each query's own row left out)."""
+    n = len(vectors)
     started = time.perf_counter()
     if spec.type == "flat":
         tuning = Tuning({}, 1.0, None, None, None, "exact", 0, 0.0)
@@ -112,10 +125,7 @@ def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOption
         tuning = Tuning(result.params, result.recall, result.target, k, result.reached, source, len(queries),
                         0.0)
     tuning.seconds = time.perf_counter() - started
-    timings["tune_s"] = tuning.seconds
-    cpu_index = fx.to_cpu(index)
-    fx.apply_params(cpu_index, tuning.params)  # persisted, so a plain faiss.read_index gets them too
-    return cpu_index, tuning, timings
+    return tuning
 
 
 def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTable, spec: fx.IndexSpec,
@@ -176,15 +186,25 @@ def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, check
                              hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, refine=options.refine)
     spec = fx.resolve_spec(requested, n, dim, budget)
     index, tuning, timings = build_and_tune(vectors, spec, options)
+
+    def manifest_for(version: str) -> dict[str, Any]:
+        timings["total_s"] = time.perf_counter() - started + (encoding or {}).get("seconds", 0.0)
+        return _manifest(version=version, checkpoint_info=checkpoint_info, table=table, spec=spec, index=index,
+                         tuning=tuning, timings=timings, options=options, encoding=encoding or {})
+
+    return publish_version(root, index, table, manifest_for, keep=options.keep)
+
+
+def publish_version(root: Path, index: faiss.Index, table: CaptionTable,
+                    manifest_for: Callable[[str], dict[str, Any]], *, keep: int) -> Published:
+    """Write ``index`` (CPU, FAISS id i = ``table`` row i), the captions and ``manifest_for(version)`` plus the
+    files' sizes and sha256 to a staging directory, publish it as the current version and prune to ``keep``."""
     version = store.new_version_name()
     staging = store.new_staging_dir(root, version)
     try:
         faiss.write_index(index, str(staging / store.INDEX_FILE))
         store.write_captions(staging / store.CAPTIONS_FILE, table)
-        timings["total_s"] = time.perf_counter() - started + (encoding or {}).get("seconds", 0.0)
-        manifest = _manifest(version=version, checkpoint_info=checkpoint_info, table=table, spec=spec,
-                             index=index, tuning=tuning, timings=timings, options=options,
-                             encoding=encoding or {})
+        manifest = manifest_for(version)
         manifest["files"] = {name: store.file_entry(staging / name)
                              for name in (store.INDEX_FILE, store.CAPTIONS_FILE)}
         store.write_json(staging / store.MANIFEST_FILE, manifest)
@@ -192,7 +212,7 @@ def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, check
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the previous version stays current
         raise
-    store.prune(root, options.keep)
+    store.prune(root, keep)
     return Published(final, manifest)
 
 
