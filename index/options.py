@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from transresnet.options import BuildIndexType, Precision, to_flags
+from transresnet.options import BuildEngine, BuildIndexType, Precision, to_flags
 
 
 class BuildOptions(BaseModel):
@@ -35,6 +35,26 @@ class BuildOptions(BaseModel):
     ef_construction: int = Field(80, ge=1, description="HNSW build beam width")
     refine: bool = Field(False, description="ivfpq: re-rank candidates with exact vectors")
     seed: int = Field(0, description="seed of training samples and tuning queries")
+    engine: BuildEngine = Field(
+        "local", description="local = encode in this process; ray = read, encode and add on a Ray cluster "
+        "(pip install 'transresnet[distributed]')")
+    ray_address: str | None = Field(
+        None, description="ray: address of an existing cluster, e.g. ray://head:10001 or auto (default: start "
+        "a local Ray instance on this machine)")
+    workers: int = Field(2, ge=1, description="ray: encoding actors (each loads the checkpoint once)")
+    cpus_per_worker: int = Field(1, ge=1, description="ray: CPUs (and torch threads) per encoding actor")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="ray: GPUs per encoding actor (0 = encode on CPUs)")
+
+    @model_validator(mode="after")
+    def _ray_flags_need_ray(self) -> BuildOptions:
+        if self.engine == "local":
+            stray = [flag for name, flag in RAY_FLAGS.items()
+                     if getattr(self, name) != type(self).model_fields[name].default]
+            if stray:
+                verb = "applies" if len(stray) == 1 else "apply"
+                raise ValueError(f"{', '.join(stray)} {verb} only to --engine ray; add --engine ray or drop "
+                                 f"{'it' if len(stray) == 1 else 'them'}")
+        return self
 
     def flags(self) -> list[str]:
         """The `transresnet index build` flags that reproduce this build (see :data:`FLAG_NAMES`)."""
@@ -43,3 +63,6 @@ class BuildOptions(BaseModel):
 
 FLAG_NAMES = {"index_type": "--type"}
 """Fields whose flag is not simply ``--field-name``."""
+RAY_FLAGS = {"ray_address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
+             "gpus_per_worker": "--gpus-per-worker"}
+"""The fields that only the ray engine reads."""

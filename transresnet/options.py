@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 IndexType = Literal["flat", "ivf", "hnsw", "ivfpq"]
 BuildIndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
+BuildEngine = Literal["local", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
 """Where a loaded caption index is searched: auto = the GPU(s) FAISS sees (sharded over several), else CPU."""
