@@ -14,12 +14,14 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
+
+from transresnet.options import IndexPlacement, choices
 
 logger = logging.getLogger(__name__)
 
@@ -182,28 +184,146 @@ def resolve_spec(spec: IndexSpec, n: int, dim: int, memory_budget: int | None = 
 
 # ------------------------------------------------------------------------------------------ GPU
 
+GPU_SCRATCH_BYTES = 3 << 29
+"""Memory FAISS keeps free per GPU beyond the index itself: StandardGpuResources reserves up to 1.5 GiB of
+scratch space for search temporaries, so an index must leave that much of a device's free memory."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an index is searched, and why: ``cpu``, ``gpu`` (one device), ``sharded`` (the vectors split over
+    ``gpus`` devices: memory adds up) or ``replicated`` (a full copy on each of ``gpus`` devices: queries are
+    split between them)."""
+
+    kind: str
+    gpus: int = 0
+    reason: str = ""
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.kind != "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "gpus": self.gpus, "reason": self.reason}
+
+    def __str__(self) -> str:
+        where = {"cpu": "CPU", "gpu": "1 GPU", "sharded": f"sharded over {self.gpus} GPUs",
+                 "replicated": f"replicated on {self.gpus} GPUs"}[self.kind]
+        return f"{where} ({self.reason})"
+
+
+def _fits(need: int, free: Sequence[int] | None) -> bool:
+    return free is None or all(need + GPU_SCRATCH_BYTES <= f for f in free)
+
+
+def _shortfall(need: int, free: Sequence[int]) -> str:
+    return f"needs {_gib(need + GPU_SCRATCH_BYTES)} per GPU with FAISS scratch, {_gib(min(free))} free"
+
+
+def choose_placement(ngpu: int, index_kind: str, index_bytes: int, free_bytes: Sequence[int] | None = None, *,
+                     prefer: IndexPlacement = "auto", mmap: bool = False) -> Placement:
+    """Where to search an index of ``index_kind`` ("flat", "ivf", "ivfpq", "hnsw") holding ``index_bytes``
+    on a machine whose FAISS sees ``ngpu`` GPUs with ``free_bytes`` free on each (None: not known, assumed
+    to fit). ``prefer``: auto/shard = one GPU, or the vectors sharded over all of them; replicate = a full
+    copy on each (more throughput, no more capacity); cpu = stay on CPU. Pure: no FAISS or CUDA call."""
+    if ngpu < 0 or index_bytes < 0:
+        raise ValueError(f"GPU count and index size must be >= 0, got {ngpu} GPUs and {index_bytes} bytes")
+    if prefer not in choices(IndexPlacement):
+        raise ValueError(f"unknown index placement {prefer!r}; choose one of {', '.join(choices(IndexPlacement))}")
+    if free_bytes is not None and len(free_bytes) != ngpu:
+        raise ValueError(f"free memory given for {len(free_bytes)} GPUs, but there are {ngpu}")
+    if prefer == "cpu":
+        return Placement("cpu", reason="CPU requested")
+    if mmap:
+        return Placement("cpu", reason="a memory-mapped index is searched where it lies, on CPU")
+    if ngpu == 0:
+        return Placement("cpu", reason="FAISS sees no GPU")
+    if index_kind == "hnsw":
+        return Placement("cpu", reason="FAISS has no GPU version of HNSW")
+    known = "" if free_bytes is not None else "; free GPU memory unknown"
+    if ngpu == 1:
+        if _fits(index_bytes, free_bytes):
+            return Placement("gpu", 1, f"the one GPU FAISS sees holds the {_gib(index_bytes)} index{known}")
+        return Placement("cpu", reason=f"the {_gib(index_bytes)} index does not fit the GPU: "
+                                       f"{_shortfall(index_bytes, free_bytes or [])}")
+    if prefer == "replicate":
+        if _fits(index_bytes, free_bytes):
+            return Placement("replicated", ngpu, f"replication requested: a full {_gib(index_bytes)} copy on "
+                                                 f"each of {ngpu} GPUs{known}")
+        why = f"a full copy on each GPU {_shortfall(index_bytes, free_bytes or [])}, so sharded instead: "
+    else:
+        why = ""
+    share = -(-index_bytes // ngpu)
+    if _fits(share, free_bytes):
+        return Placement("sharded", ngpu, f"{why}{ngpu} GPUs hold {_gib(share)} each of the "
+                                          f"{_gib(index_bytes)} index{known}")
+    return Placement("cpu", reason=f"{why}the {_gib(index_bytes)} index does not fit {ngpu} GPUs even sharded: "
+                                   f"{_shortfall(share, free_bytes or [])}")
+
 
 def gpu_count() -> int:
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get else 0
 
 
-def to_gpu(index: faiss.Index) -> faiss.Index | None:
-    """The index cloned onto all GPUs (sharded when several), or None on a CPU machine or when FAISS
-    has no GPU version of this index (HNSW, some PQ code sizes): the caller keeps the CPU index."""
-    ngpu = gpu_count()
-    if ngpu == 0 or isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+def gpu_free_bytes(ngpu: int) -> list[int] | None:
+    """Free memory of each of the ``ngpu`` devices FAISS sees (torch's count, same CUDA_VISIBLE_DEVICES), or
+    None when it cannot be read: the placement then assumes the index fits and FAISS says if it does not."""
+    if ngpu == 0:
         return None
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard = ngpu > 1  # split the vectors over the GPUs (memory adds up) instead of replicating
     try:
-        gpu_index = faiss.index_cpu_to_all_gpus(index, co=options, ngpu=ngpu)
-    except Exception as err:  # noqa: BLE001 - FAISS raises RuntimeError/assertions for unsupported layouts
-        logger.warning("FAISS cannot put this index on the GPU (%s); staying on CPU",
-                       str(err).splitlines()[0][:200])
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() != ngpu:
+            return None
+        return [int(torch.cuda.mem_get_info(device)[0]) for device in range(ngpu)]
+    except Exception as err:  # noqa: BLE001 - a driver problem must not stop the index from loading
+        logger.debug("cannot read free GPU memory (%s)", err)
         return None
-    logger.info("index on %d GPU(s)%s", ngpu, ", sharded" if ngpu > 1 else "")
-    return gpu_index
+
+
+def index_kind(index: faiss.Index) -> str:
+    """"flat", "ivf", "ivfpq" or "hnsw" for a CPU index (a refined index counts as its base), else its class."""
+    inner = _unwrap(index)
+    if isinstance(inner, faiss.IndexRefine):
+        return index_kind(inner.base_index)
+    for cls, kind in ((faiss.IndexHNSW, "hnsw"), (faiss.IndexIVFPQ, "ivfpq"), (faiss.IndexIVF, "ivf"),
+                      (faiss.IndexFlat, "flat")):
+        if isinstance(inner, cls):
+            return kind
+    return type(inner).__name__
+
+
+def place_index(index: faiss.Index, prefer: IndexPlacement = "auto", *, mmap: bool = False
+                ) -> tuple[faiss.Index, Placement]:
+    """The index to search (a GPU clone, or ``index`` itself) and where it is, chosen by
+    :func:`choose_placement` from this machine's GPUs; logged."""
+    ngpu = gpu_count()
+    wanted = prefer != "cpu" and not mmap and ngpu > 0
+    free = gpu_free_bytes(ngpu) if wanted else None
+    nbytes = index_memory_bytes(index) if wanted else 0
+    placement = choose_placement(ngpu, index_kind(index), nbytes, free, prefer=prefer, mmap=mmap)
+    placed = index
+    if placement.on_gpu:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = placement.kind == "sharded"  # split the vectors (memory adds up) rather than copy them
+        try:
+            placed = faiss.index_cpu_to_all_gpus(index, co=options, ngpu=placement.gpus)
+        except Exception as err:  # noqa: BLE001 - FAISS raises RuntimeError/assertions for unsupported layouts
+            placement = Placement("cpu", reason=f"FAISS cannot put this index on the GPU "
+                                                f"({str(err).splitlines()[0][:200]})")
+    # A GPU machine searching on CPU for want of memory or FAISS support is worth a warning; HNSW is expected.
+    surprising = wanted and not placement.on_gpu and index_kind(index) != "hnsw"
+    logger.log(logging.WARNING if surprising else logging.INFO, "index placement: %s", placement)
+    return placed, placement
+
+
+def to_gpu(index: faiss.Index, prefer: IndexPlacement = "auto") -> faiss.Index | None:
+    """The index cloned onto the GPU(s) as :func:`choose_placement` decides (sharded when several), or None
+    on a CPU machine or when FAISS has no GPU version of this index (HNSW, some PQ code sizes) or it does
+    not fit: the caller keeps the CPU index."""
+    placed, placement = place_index(index, prefer)
+    return placed if placement.on_gpu else None
 
 
 def _parts(index: faiss.Index) -> list[faiss.Index]:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from transresnet.keys import text_key
+from transresnet.options import IndexPlacement
 
 from . import faiss_index as fx
 from .captions import PERSONALITY
@@ -95,7 +96,8 @@ class IndexFallback:
 class CaptionIndex:
     """A FAISS index of caption vectors plus the captions and their metadata, row i = FAISS id i."""
 
-    def __init__(self, index: faiss.Index, captions: pa.Table, manifest: dict[str, Any], path: Path) -> None:
+    def __init__(self, index: faiss.Index, captions: pa.Table, manifest: dict[str, Any], path: Path,
+                 placement: fx.Placement | None = None) -> None:
         self._index = index
         self._captions = captions
         self.manifest = manifest
@@ -103,6 +105,8 @@ class CaptionIndex:
         self.version = path.name
         self.dim = int(manifest["dim"])
         self._on_gpu = fx.is_gpu_index(index)
+        self.placement = placement or fx.Placement("gpu" if self._on_gpu else "cpu", int(self._on_gpu),
+                                                   "placed by the caller")
         self._flat_view = None if self._on_gpu else fx.flat_vectors(index)  # exact: small-batch BLAS path
         self._gpu_lock = threading.Lock()
         self._tags_lock = threading.Lock()
@@ -115,7 +119,7 @@ class CaptionIndex:
 
     def __repr__(self) -> str:
         return (f"CaptionIndex({self.path}, {len(self)} captions, {self.manifest['index']['type']}, "
-                f"{'gpu' if self._on_gpu else 'cpu'})")
+                f"{self.placement.kind})")
 
     @property
     def on_gpu(self) -> bool:
@@ -318,19 +322,22 @@ def check_compatible(manifest: dict[str, Any], version_dir: Path, *, checkpoint:
 
 
 def load_index(path: str | Path, *, checkpoint: Checkpoint | None = None, fingerprint: str | None = None,
-               mmap: bool = False, verify: bool = True, use_gpu: bool = True, fallback: bool = False) -> CaptionIndex:
+               mmap: bool = False, verify: bool = True, use_gpu: bool = True, fallback: bool = False,
+               placement: IndexPlacement = "auto") -> CaptionIndex:
     """Load INDEX_ROOT's current version (or the version directory ``path``).
 
     ``checkpoint``/``fingerprint``: refuse an index built for another text encoder. ``mmap``: map the
     FAISS file instead of reading it (large indexes; stays on CPU). ``verify``: check sha256 of every
-    file (sizes are always checked). ``use_gpu``: move the index to the GPU(s) when FAISS has some.
+    file (sizes are always checked). ``use_gpu``: move the index to the GPU(s) when FAISS has some, as
+    ``placement`` prefers (``faiss_index.choose_placement``: auto/shard/replicate/cpu); the choice and its
+    reason are the returned index's ``placement``.
     ``fallback``: when ``path`` is an INDEX_ROOT whose CURRENT names a version that fails to load (invalid
     pointer, missing, truncated or corrupted files, non-finite vectors, another checkpoint), load the
     newest other version that verifies and fits the checkpoint instead, log a WARNING and record why in
     the returned index's ``fallback``; without one that verifies, the original error is raised.
     """
     kwargs: dict[str, Any] = {"checkpoint": checkpoint, "fingerprint": fingerprint, "mmap": mmap, "verify": verify,
-                              "use_gpu": use_gpu}
+                              "use_gpu": use_gpu, "placement": placement}
     path = Path(path)
     if not fallback or is_version_dir(path):
         return load_version(resolve_version_dir(path), **kwargs)
@@ -376,14 +383,14 @@ def _load_fallback(root: Path, wanted: str | None, err: IndexLoadError, **kwargs
 
 
 def load_version(version_dir: Path, *, checkpoint: Checkpoint | None = None, fingerprint: str | None = None,
-                 mmap: bool = False, verify: bool = True, use_gpu: bool = True) -> CaptionIndex:
+                 mmap: bool = False, verify: bool = True, use_gpu: bool = True,
+                 placement: IndexPlacement = "auto") -> CaptionIndex:
     """Load one version directory after checking it (see ``load_index``)."""
     manifest = read_manifest(version_dir)
     check_compatible(manifest, version_dir, checkpoint=checkpoint, fingerprint=fingerprint)
     rebuild = rebuild_command(manifest, _index_root(version_dir), checkpoint.path if checkpoint else None)
     index, captions = open_version(version_dir, manifest, checksums=verify, mmap=mmap, rebuild=rebuild)
-    if use_gpu and not mmap:
-        index = fx.to_gpu(index) or index
-    logger.info("loaded caption index %s: %d captions, %s %s", version_dir, index.ntotal,
-                manifest["index"].get("type"), manifest["index"].get("search_params") or "")
-    return CaptionIndex(index, captions, manifest, version_dir)
+    index, where = fx.place_index(index, placement if use_gpu else "cpu", mmap=mmap)
+    logger.info("loaded caption index %s: %d captions, %s %s, on %s", version_dir, index.ntotal,
+                manifest["index"].get("type"), manifest["index"].get("search_params") or "", where.kind)
+    return CaptionIndex(index, captions, manifest, version_dir, where)
