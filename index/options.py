@@ -66,3 +66,19 @@ FLAG_NAMES = {"index_type": "--type"}
 RAY_FLAGS = {"ray_address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
              "gpus_per_worker": "--gpus-per-worker"}
 """The fields that only the ray engine reads."""
+
+
+class UpdateOptions(BaseModel):
+    """The flags of `transresnet index add` and `index remove`; unset ones keep the parent version's
+    recorded build options (the index type, its parameters and the recall target always do)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep: int | None = Field(None, ge=1, description="index versions kept (default: as the parent was built)")
+    batch_size: int | None = Field(None, ge=1, description="captions per encoder batch (default: the parent's)")
+    precision: Precision | None = Field(None, description="encoder precision (default: the parent's)")
+
+    def over(self, parent: BuildOptions) -> BuildOptions:
+        """The parent's build options with the flags given here replacing theirs."""
+        given = {name: value for name, value in self.model_dump().items() if value is not None}
+        return BuildOptions.model_validate({**parent.model_dump(), **given})
