@@ -20,7 +20,7 @@ from transresnet.runtime import utc_timestamp
 
 from . import faiss_index as fx
 from . import store
-from .captions import CaptionTable, read_captions
+from .captions import CaptionTable, Source, read_captions
 from .options import BuildOptions
 from .verify import SHOWN_IDS, describe_rows, nonfinite_rows
 
@@ -87,8 +87,21 @@ def held_out_rows(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 1).choice(n, size=count, replace=False))
 
 
-def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOptions
-                   ) -> tuple[faiss.Index, Tuning, dict[str, float]]:
+Builder = Callable[..., tuple[faiss.Index, dict[str, float]]]
+"""Trains and fills an index: ``builder(vectors, spec, train_ids=..., seed=...) -> (index, timings)``, like
+:func:`faiss_index.build_faiss_index` (the default); the ray engine passes one that adds in parallel."""
+
+
+def choose_spec(options: BuildOptions, n: int, dim: int) -> fx.IndexSpec:
+    """The index type and its size-dependent parameters for ``n`` vectors: the one decision of both engines."""
+    budget = fx.parse_bytes(options.memory_budget) if options.memory_budget else None
+    requested = fx.IndexSpec(type=options.index_type, nlist=options.nlist, pq_m=options.pq_m,
+                             hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, refine=options.refine)
+    return fx.resolve_spec(requested, n, dim, budget)
+
+
+def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOptions, *,
+                   builder: Builder | None = None) -> tuple[faiss.Index, Tuning, dict[str, float]]:
     """Build the index and tune its search parameters to the recall target; returns a CPU index."""
     n, dim = vectors.shape
     queries_file = load_queries(options.queries, dim) if options.queries else None
@@ -97,7 +110,7 @@ def build_and_tune(vectors: np.ndarray, spec: fx.IndexSpec, options: BuildOption
     train_ids = None
     if held_out is not None and n > len(held_out):
         train_ids = np.setdiff1d(np.arange(n), held_out)  # tuning queries stay unseen by k-means/PQ
-    index, timings = fx.build_faiss_index(vectors, spec, train_ids=train_ids, seed=options.seed)
+    index, timings = (builder or fx.build_faiss_index)(vectors, spec, train_ids=train_ids, seed=options.seed)
     tuning = tune_index(index, vectors, spec, options, held_out=held_out, queries_file=queries_file)
     timings["tune_s"] = tuning.seconds
     cpu_index = fx.to_cpu(index)
@@ -130,7 +143,7 @@ def tune_index(index: faiss.Index, vectors: np.ndarray, spec: fx.IndexSpec, opti
 
 def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTable, spec: fx.IndexSpec,
               index: faiss.Index, tuning: Tuning, timings: dict[str, float], options: BuildOptions,
-              encoding: dict[str, Any]) -> dict[str, Any]:
+              encoding: dict[str, Any], engine: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format_version": store.FORMAT_VERSION,
         "version": version,
@@ -159,7 +172,7 @@ def _manifest(*, version: str, checkpoint_info: dict[str, Any], table: CaptionTa
         "has_personality": table.personalities is not None,
         "finite_vectors": True,  # write_version refuses NaN/inf; loaders of PQ codes rely on this record
         "build": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "options": options.model_dump(mode="json"),
-                  "gpus": fx.gpu_count()},
+                  "gpus": fx.gpu_count(), "engine": engine or {"name": options.engine}},
     }
 
 
@@ -174,23 +187,30 @@ def refuse_nonfinite(vectors: np.ndarray, table: CaptionTable) -> None:
 
 
 def write_version(root: Path, *, vectors: np.ndarray, table: CaptionTable, checkpoint_info: dict[str, Any],
-                  options: BuildOptions, encoding: dict[str, Any] | None = None) -> Published:
-    """Build, tune and publish an index of ``vectors`` (row i = ``table`` row i) under ``root``."""
+                  options: BuildOptions, encoding: dict[str, Any] | None = None,
+                  stages: dict[str, float] | None = None, engine: dict[str, Any] | None = None,
+                  builder: Builder | None = None) -> Published:
+    """Build, tune and publish an index of ``vectors`` (row i = ``table`` row i) under ``root``.
+
+    ``stages``: seconds of the steps before this one (read_s, encode_s), recorded beside train/add/tune/write;
+    ``engine``: what encoded the vectors (the manifest's build.engine); ``builder``: see :data:`Builder`.
+    """
     started = time.perf_counter()
     n, dim = vectors.shape
     if n != len(table):
         raise ValueError(f"{n} vectors for {len(table)} captions")
     refuse_nonfinite(vectors, table)
-    budget = fx.parse_bytes(options.memory_budget) if options.memory_budget else None
-    requested = fx.IndexSpec(type=options.index_type, nlist=options.nlist, pq_m=options.pq_m,
-                             hnsw_m=options.hnsw_m, ef_construction=options.ef_construction, refine=options.refine)
-    spec = fx.resolve_spec(requested, n, dim, budget)
-    index, tuning, timings = build_and_tune(vectors, spec, options)
+    spec = choose_spec(options, n, dim)
+    index, tuning, timings = build_and_tune(vectors, spec, options, builder=builder)
+    timings = {**(stages or {}), **timings}
+    before = sum(stages.values()) if stages else (encoding or {}).get("seconds", 0.0)
+    writing = time.perf_counter()
 
     def manifest_for(version: str) -> dict[str, Any]:
-        timings["total_s"] = time.perf_counter() - started + (encoding or {}).get("seconds", 0.0)
+        timings["write_s"] = time.perf_counter() - writing  # index and captions files; the manifest is small
+        timings["total_s"] = time.perf_counter() - started + before
         return _manifest(version=version, checkpoint_info=checkpoint_info, table=table, spec=spec, index=index,
-                         tuning=tuning, timings=timings, options=options, encoding=encoding or {})
+                         tuning=tuning, timings=timings, options=options, encoding=encoding or {}, engine=engine)
 
     return publish_version(root, index, table, manifest_for, keep=options.keep)
 
@@ -223,16 +243,19 @@ def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
             "text_encoder": model.text.identity()}
 
 
-def build_index(checkpoint: Checkpoint, captions: str | Path | CaptionTable, out_root: str | Path,
+def build_index(checkpoint: Checkpoint, captions: Source | CaptionTable, out_root: str | Path,
                 options: BuildOptions | None = None, *, progress: bool | None = None) -> Published:
-    """Encode ``captions`` with the checkpoint's text encoder and publish a new index version.
+    """Encode ``captions`` (a file, several, a folder of shards, or a table) with the checkpoint's text
+    encoder and publish a new index version.
 
     Returns the published version (INDEX_ROOT/versions/<version>) and its manifest.
     """
+    options = options or BuildOptions()
     from transresnet.encode import choose_precision, encode_captions
 
-    options = options or BuildOptions()
+    reading = time.perf_counter()
     table = captions if isinstance(captions, CaptionTable) else read_captions(captions)
+    read_s = time.perf_counter() - reading
     model = checkpoint.model
     precision = choose_precision(model, table.captions, options.precision)
     started = time.perf_counter()
@@ -244,4 +267,4 @@ def build_index(checkpoint: Checkpoint, captions: str | Path | CaptionTable, out
     encoding = {"precision": precision, "device": str(model.device), "batch_size": options.batch_size,
                 "seconds": round(seconds, 3), "captions_per_second": round(len(table) / max(seconds, 1e-9), 1)}
     return write_version(Path(out_root), vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
-                         options=options, encoding=encoding)
+                         options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": seconds})
