@@ -82,13 +82,15 @@ def service_captions() -> list[str]:
     return [template.format(subject) for template in VOICES.values() for subject in SUBJECTS]
 
 
-def build_test_index(checkpoint: Checkpoint, root: Path, captions: list[str] | None = None) -> Path:
-    """Build and publish a new index version under the index root ``root``; returns the version dir."""
+def build_test_index(checkpoint: Checkpoint, root: Path, captions: list[str] | None = None, **options: object
+                     ) -> Path:
+    """Build and publish a new index version under the index root ``root``; returns the version dir.
+    ``options``: BuildOptions fields (e.g. ``index_type="ivf", nlist=4``)."""
     from transresnet.index import BuildOptions, build_index
     from transresnet.index.captions import collect
 
     table = collect({"caption": text} for text in (captions or service_captions()))
-    return build_index(checkpoint, table, root, BuildOptions(keep=10), progress=False).path
+    return build_index(checkpoint, table, root, BuildOptions(**{"keep": 10, **options}), progress=False).path
 
 
 def free_port() -> int:
