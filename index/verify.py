@@ -143,8 +143,13 @@ def check_finite(index: faiss.Index, captions: pa.Table, manifest: dict[str, Any
 # ------------------------------------------------------------------------------------------ open
 
 
+MMAP_FLAGS = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
+"""Memory-map a FAISS file: ``IO_FLAG_MMAP_IFC`` maps the stored codes of every index type (flat, IVF lists,
+HNSW storage, refine vectors); the older ``IO_FLAG_MMAP`` maps IVF lists only and reads a flat index whole."""
+
+
 def read_faiss(path: Path, *, mmap: bool, rebuild: str) -> faiss.Index:
-    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    flags = MMAP_FLAGS if mmap else 0
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as err:

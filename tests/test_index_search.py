@@ -161,10 +161,27 @@ def test_concurrent_searches_match_sequential(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ids, expected[i % 64])
 
 
-def test_mmap_load_searches_the_same(tmp_path: Path) -> None:
-    vectors = clustered(500, 16, seed=7)
-    index = publish(tmp_path, vectors)
+def _stored_codes(index: object) -> object:
+    """The FAISS vector holding an index's stored vectors (flat codes, HNSW storage, one IVF list)."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.downcast_InvertedLists(inner.invlists).codes.at(0)
+    return inner.codes
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_mmap_load_maps_the_vectors_and_searches_the_same(tmp_path: Path, index_type: str) -> None:
+    """A memory-mapped load keeps the stored vectors in the file's pages (FAISS does not own a copy), for
+    flat indexes too: FAISS's plain IO_FLAG_MMAP maps IVF lists only and would read a flat index whole."""
+    vectors = clustered(1500, 16, seed=7)
+    index = publish(tmp_path, vectors, index_type=index_type, tune_queries=50)
     mapped = load_index(tmp_path, mmap=True, verify=False)
+    assert not _stored_codes(mapped.faiss_index).is_owned
+    assert _stored_codes(fx.to_cpu(index.faiss_index)).is_owned
     queries = clustered(4, 16, seed=8)
     np.testing.assert_array_equal(mapped.search_ids(queries, 7)[1], index.search_ids(queries, 7)[1])
 
