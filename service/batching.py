@@ -98,6 +98,15 @@ class MicroBatcher(Generic[T, R]):
             # its item (an image tensor, query vectors) is freed now, not when the worker reaches it.
             pending.item = None
 
+    def resize(self, max_batch: int) -> None:
+        """Change the most items per batch (e.g. when a reload moves the index between CPU and GPU); the next
+        batch collected uses it. Safe from any thread: the worker reads the attribute once per item."""
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_batch != self.max_batch:
+            logger.info("%s batches: at most %d items (was %d)", self.name, max_batch, self.max_batch)
+        self.max_batch = max_batch
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._closed:
             return

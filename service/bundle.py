@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from transresnet.options import IndexPlacement
+
 if TYPE_CHECKING:
     from transresnet.index import CaptionIndex
 
@@ -53,7 +55,8 @@ class Bundle:
     @property
     def index_info(self) -> dict[str, Any]:
         index_type = self.index.manifest.get("index", {}).get("type")
-        return {"version": str(self.index.version), "size": len(self.index), "type": index_type}
+        return {"version": str(self.index.version), "size": len(self.index), "type": index_type,
+                "placement": self.index.placement.to_dict()}
 
     @property
     def index_fallback(self) -> dict[str, Any] | None:
@@ -68,7 +71,8 @@ class Bundle:
 
 
 def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto", mmap: bool = False,
-                checkpoint: Checkpoint | None = None, fallback: bool = False) -> Bundle:
+                checkpoint: Checkpoint | None = None, fallback: bool = False,
+                placement: IndexPlacement = "auto") -> Bundle:
     """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking.
 
     ``fallback``: when the index root's CURRENT names a version that fails verification, serve the newest
@@ -85,7 +89,8 @@ def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto"
         # Channels-last convolutions cost less per image at every batch size on CPU (oneDNN) and GPU (cuDNN);
         # only the weights' layout changes, not their values.
         checkpoint.model.backbone.to(memory_format=torch.channels_last)
-    caption_index = load_index(index_path, checkpoint=checkpoint, mmap=mmap, fallback=fallback)
+    caption_index = load_index(index_path, checkpoint=checkpoint, mmap=mmap, fallback=fallback,
+                               placement=placement)
     if len(caption_index) == 0:
         raise ValueError(f"index {caption_index.path} holds no captions; rebuild it with `transresnet index build`")
     bundle = Bundle(checkpoint, caption_index, ImagePreprocessor(checkpoint.config.model.image))

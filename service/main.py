@@ -15,6 +15,7 @@ from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ServiceError, validation_error
+from .follow import index_follower
 from .metrics import ServiceMetrics
 from .resources import Resources
 from .routers import admin, captions, health, metrics, personalities, samples, web
@@ -34,14 +35,19 @@ Ranks a fixed set of candidate captions for an image, in the voice of one or mor
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ServiceSettings = app.state.settings
     resources = Resources(settings, app.state.metrics)
+    follower = index_follower(settings, resources)  # a follow setting that cannot work fails before any load
     await resources.start()
     app.state.resources = resources
     logger.info("serving model %s with index %s (%d captions)", resources.bundle.model_info["version"],
                 resources.bundle.index.version, len(resources.bundle.index))
     _log_admin_state(settings)
+    if follower is not None:
+        follower.start()
     try:
         yield
     finally:
+        if follower is not None:
+            await follower.stop()
         app.state.resources = None
         await resources.close()
 

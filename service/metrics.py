@@ -41,7 +41,10 @@ class ServiceMetrics:
         self.batch_size = Histogram("transresnet_batch_size", "Requests per micro-batch", ["stage"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.personalities = Counter("transresnet_personalities_ranked", "Ranked lists returned", registry=r)
-        self.reloads = Counter("transresnet_reloads", "Admin reloads by outcome", ["outcome"], registry=r)
+        self.reloads = Counter("transresnet_reloads", "Reloads (admin or index follow) by outcome", ["outcome"],
+                               registry=r)
+        self.index_follow = Counter("transresnet_index_follow", "Index-follow actions: reloaded, refused (a bad "
+                                    "version, counted once), pointer_unreadable", ["outcome"], registry=r)
         self.index_info = Gauge("transresnet_index_info", "The index being served (value 1)",
                                 ["version", "fingerprint"], registry=r)
         self.index_size = Gauge("transresnet_index_captions", "Captions in the index being served", registry=r)
@@ -52,12 +55,19 @@ class ServiceMetrics:
                                          registry=r)
         self.model_info = Gauge("transresnet_model_info", "The checkpoint being served (value 1)",
                                 ["name", "version", "fingerprint"], registry=r)
+        self.index_placement = Gauge("transresnet_index_placement_info", "Where the served index is searched "
+                                     "(value 1): cpu, gpu, sharded or replicated", ["kind"], registry=r)
+        self.index_gpus = Gauge("transresnet_index_gpus", "GPUs holding the served index (0: on CPU)", registry=r)
+        self.search_max_batch = Gauge("transresnet_search_max_batch", "Most requests per search call (set by "
+                                      "the index placement)", registry=r)
         self.loaded_at = Gauge("transresnet_loaded_timestamp_seconds", "When the served model/index were loaded",
                                registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards see zeros, not gaps
             self.stage_seconds.labels(stage)
         for stage in ("encode", "search"):
             self.batch_size.labels(stage)
+        for outcome in ("reloaded", "refused", "pointer_unreadable"):
+            self.index_follow.labels(outcome)
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():
@@ -80,6 +90,13 @@ class ServiceMetrics:
         self.index_fallback.set(0 if fallback is None else 1)
         if fallback is not None:
             self.index_fallback_info.labels(str(fallback["wanted"]), fallback["serving"]).set(1)
+
+    def set_placement(self, placement: dict[str, Any], search_batch: int) -> None:
+        """Export where the served index is searched and the search batch size that follows from it."""
+        self.index_placement.clear()
+        self.index_placement.labels(placement["kind"]).set(1)
+        self.index_gpus.set(placement["gpus"])
+        self.search_max_batch.set(search_batch)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

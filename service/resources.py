@@ -66,14 +66,24 @@ class Resources:
     def _load(self, checkpoint_path: Path, reuse_checkpoint: bool, *, fallback: bool = False) -> Bundle:
         current = self._bundle.checkpoint if (reuse_checkpoint and self._bundle) else None
         bundle = load_bundle(checkpoint_path, self.settings.index_root, device=self.settings.device,
-                             mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback)
+                             mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback,
+                             placement=self.settings.index_placement)
         warm_up(bundle)
         return bundle
 
     def _install(self, bundle: Bundle) -> None:
+        # The search batch follows the placement before the swap: the first batch on a GPU index is a large one.
+        search_batch = self.settings.search_batch_for(bundle.index.placement.on_gpu)
+        self.ranker.searcher.resize(search_batch)
         self._bundle = bundle
         self.metrics.set_serving(bundle.model_info, bundle.index_info)
         self.metrics.set_index_fallback(bundle.index_fallback)
+        self.metrics.set_placement(bundle.index.placement.to_dict(), search_batch)
+
+    @property
+    def reloading(self) -> bool:
+        """A reload is loading a new bundle now (the index follower waits for the next poll instead)."""
+        return self._reload_lock.locked()
 
     async def start(self) -> None:
         configure_threads(self.settings)

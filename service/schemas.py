@@ -67,10 +67,18 @@ class ModelInfo(BaseModel):
     personalities: int = Field(0, description="Personalities the model knows (0: it ranks for the photo alone)")
 
 
+class IndexPlacement(BaseModel):
+    kind: Literal["cpu", "gpu", "sharded", "replicated"] = Field(
+        description="Where the index is searched: CPU, one GPU, split over several, or a copy on each")
+    gpus: int = Field(description="GPUs holding the index (0 on CPU)")
+    reason: str = Field(description="Why there (GPU count, index type, memory, settings)")
+
+
 class IndexInfo(BaseModel):
     version: str
     size: int = Field(description="Captions in the index")
     type: str | None = None
+    placement: IndexPlacement | None = Field(None, description="Where the index is searched, and why")
 
 
 class Timings(BaseModel):

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from transresnet.options import Device
+from transresnet.options import Device, IndexPlacement
 
 MAX_K = 100
 """Upper bound of ``k`` (captions per personality); part of the API, so not a setting."""
@@ -28,7 +28,20 @@ class ServiceSettings(BaseSettings):
     device: Device = "auto"
     """Where the model runs; auto = the GPU when torch sees one."""
     index_mmap: bool = False
-    """Memory-map the index vectors instead of reading them into memory."""
+    """Memory-map the index vectors instead of reading them into memory (such an index is searched on CPU)."""
+    index_placement: IndexPlacement = "auto"
+    """Where the caption index is searched when FAISS sees GPUs (faiss-gpu): auto or shard = the one GPU, or
+    the vectors sharded over all of them (memory adds up); replicate = a full copy on each GPU (queries split
+    between them: more throughput, no more capacity; sharded instead when a copy does not fit); cpu = never a
+    GPU. An index that does not fit the GPUs' free memory, or HNSW, stays on CPU. The choice and its reason
+    are logged and shown in /readyz (``index.placement``) and /metrics."""
+    follow_index: float | None = Field(None, gt=0)
+    """Poll the index root's CURRENT every this many seconds and hot-swap to the version it names, through
+    the same path as POST /v1/admin/reload (so replicas serving one INDEX_ROOT converge without an operator
+    calling each). A version that fails to load (corrupt, or built for another checkpoint) is refused once,
+    logged and counted, and the old one keeps serving; it is retried only after a back-off. Needs an
+    INDEX_ROOT (not a version directory: start-up fails; not the embedded demo: ignored with a warning).
+    None = only reload when asked."""
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     """Largest accepted image file (413 above it)."""
@@ -50,7 +63,11 @@ class ServiceSettings(BaseSettings):
     """Most images encoded in one forward pass. On CPU, 4 costs least per image (larger batches fall out of
     cache); on a GPU use 32 or more."""
     max_search_batch: int = Field(64, ge=1)
-    """Most requests searched in one FAISS call (a flat search reads the whole index once per call)."""
+    """Most requests searched in one FAISS call on CPU (a flat search reads the whole index once per call)."""
+    max_search_batch_gpu: int = Field(512, ge=1)
+    """The same when the index is on GPU(s): a GPU call pays a kernel launch, a host-device copy and the
+    merge of its shards whatever its size, and GPU searches are serialised, so large batches amortise that.
+    Bounded in practice by ``max_in_flight`` (a batch holds at most the requests in flight)."""
     max_wait_ms: float = Field(5.0, ge=0.0)
     """How long the first request of a batch waits for company (never, when no other request is on its way)."""
 
@@ -118,3 +135,9 @@ class ServiceSettings(BaseSettings):
     @property
     def effective_max_search_batch(self) -> int:
         return self.max_search_batch if self.batching else 1
+
+    def search_batch_for(self, on_gpu: bool) -> int:
+        """Most requests per search call for an index on GPU(s) or on CPU (1 without batching)."""
+        if not self.batching:
+            return 1
+        return self.max_search_batch_gpu if on_gpu else self.max_search_batch
