@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from transresnet.index import faiss_index as fx
 from transresnet.index.faiss_index import GPU_SCRATCH_BYTES, Placement, choose_placement
 
@@ -110,3 +109,48 @@ def test_loaded_index_carries_its_placement(service_index_root, tiny_checkpoint)
     mapped = load_index(service_index_root, checkpoint=tiny_checkpoint, mmap=True)
     assert mapped.placement.kind == "cpu" and "memory-mapped" in mapped.placement.reason
     assert "cpu" in repr(loaded)
+
+
+# ------------------------------------------------------------------------------ the service follows it
+
+
+def test_search_batch_follows_the_placement(service_settings):
+    gpu, cpu = service_settings.max_search_batch_gpu, service_settings.max_search_batch
+    assert gpu > cpu  # the documented defaults: large batches on a GPU
+    assert service_settings.search_batch_for(True) == gpu and service_settings.search_batch_for(False) == cpu
+    unbatched = service_settings.model_copy(update={"batching": False})
+    assert unbatched.search_batch_for(True) == unbatched.search_batch_for(False) == 1
+
+
+def test_service_shows_the_placement_and_sizes_search_batches_by_it(service_client, service_settings):
+    index = service_client.get("/readyz").json()["index"]
+    assert index["placement"]["kind"] == "cpu" and index["placement"]["gpus"] == 0
+    assert index["placement"]["reason"]
+    text = service_client.get("/metrics").text
+    assert 'transresnet_index_placement_info{kind="cpu"} 1.0' in text
+    assert "transresnet_index_gpus 0.0" in text
+    assert f"transresnet_search_max_batch {float(service_settings.max_search_batch)}" in text
+    assert service_client.app.state.resources.ranker.searcher.max_batch == service_settings.max_search_batch
+
+
+def test_a_resized_batcher_collects_at_most_the_new_size():
+    import asyncio
+
+    from transresnet.service.batching import MicroBatcher
+
+    sizes: list[int] = []
+    batcher = MicroBatcher(lambda items: [x * 2 for x in items], name="t", max_batch=8, max_wait_s=0.2,
+                           on_batch=lambda n, _: sizes.append(n))
+    with pytest.raises(ValueError, match="at least 1"):
+        batcher.resize(0)
+    batcher.resize(3)
+    batcher.start()
+
+    async def submit_all() -> list[int]:
+        return [value for value, _ in await asyncio.gather(*(batcher.submit(i) for i in range(7)))]
+
+    try:
+        assert asyncio.run(submit_all()) == [0, 2, 4, 6, 8, 10, 12]
+    finally:
+        batcher.stop()
+    assert max(sizes) == 3 and sum(sizes) == 7
