@@ -246,11 +246,16 @@ def checkpoint_info(checkpoint: Checkpoint) -> dict[str, Any]:
 def build_index(checkpoint: Checkpoint, captions: Source | CaptionTable, out_root: str | Path,
                 options: BuildOptions | None = None, *, progress: bool | None = None) -> Published:
     """Encode ``captions`` (a file, several, a folder of shards, or a table) with the checkpoint's text
-    encoder and publish a new index version.
+    encoder and publish a new index version; ``options.engine == "ray"`` runs it on Ray
+    (:func:`transresnet.index.distributed.build_index_ray`).
 
     Returns the published version (INDEX_ROOT/versions/<version>) and its manifest.
     """
     options = options or BuildOptions()
+    if options.engine == "ray":
+        from .distributed import build_index_ray
+
+        return build_index_ray(checkpoint, captions, out_root, options)
     from transresnet.encode import choose_precision, encode_captions
 
     reading = time.perf_counter()

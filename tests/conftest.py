@@ -5,8 +5,10 @@ Plain helpers (image writers, config trees, servers) live in ``tests/helpers.py`
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +111,24 @@ def plain_settings(plain_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPa
     root = tmp_path_factory.mktemp("plain_index")
     build_test_index(plain_checkpoint, root)
     return ServiceSettings(_env_file=None, checkpoint=plain_checkpoint.path, index_root=root, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator:
+    """One local Ray instance (2 CPUs) for the whole run, quiet, no dashboard, its temp dir under /tmp (Ray's
+    socket paths must stay short); skips where the distributed extra is not installed."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[distributed]'")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install -e '.[distributed]'")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # tests never touch the network
+    temp = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, _temp_dir=temp)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset execution plans in test output
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,0 +1,332 @@
+"""`transresnet index build --engine ray`: the same build, with reading, encoding and IVF adds on Ray.
+
+Stages (each timed into the manifest's ``build.seconds``):
+
+* **read**: a Ray Data dataset of the caption files, one read task per file (a folder of shards reads in
+  parallel), each parsing with :func:`captions.read_rows`, the local engine's one parser. The rows come back
+  to the driver in source order and :func:`captions.collect` drops empties and duplicates there: the first
+  occurrence of a duplicate wins across all files, which needs one ordered pass, and the result is exactly
+  the local engine's table.
+* **encode**: ``map_batches`` over a fixed pool of :class:`CaptionEncoder` actors, each loading the
+  checkpoint once and calling :func:`transresnet.encode.encode_captions` (on a GPU when ``gpus_per_worker``
+  gives it one). Vector shards come back with their row numbers and are written into one memory-mapped
+  ``(n, D)`` float32 file at their rows; every row must arrive exactly once. A killed actor is restarted and
+  its batch retried up to ``max_retries`` times; past that the build fails and nothing is published.
+* **train / add / tune / write**: :func:`build.write_version`, so the index type, its tuning, the manifest,
+  checksums and the atomic ``CURRENT`` switch are the local engine's. IVF-Flat and IVF-PQ are trained on
+  the driver on the same sample as the local engine, then the vectors are added in parallel Ray tasks (one
+  contiguous row range each, on copies of the trained empty index) and merged in row order, which gives the
+  same inverted lists as a sequential add. Flat, HNSW and refined IVF-PQ are added on the driver.
+
+Ray is an optional extra (``pip install 'transresnet[distributed]'``); it is imported only here, inside the
+functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from . import faiss_index as fx
+from .build import Published, checkpoint_info, write_version
+from .captions import CaptionTable, Source, as_text_row, checked, collect, describe_source, read_rows, source_files
+from .options import BuildOptions
+
+if TYPE_CHECKING:
+    from transresnet.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'transresnet[distributed]' (Ray Data: ray[data])"
+READ_BATCH_ROWS = 65_536
+"""Rows per batch a read task sends back (bounded memory for large shard files)."""
+ENCODE_CALLS_PER_BATCH = 8
+"""Encoder batches per actor call: encode_captions sorts each call by length, so larger calls pad less."""
+BLOCKS_PER_WORKER = 4
+"""At least this many encode blocks per actor, so a slow actor does not hold the tail of the build."""
+CALIBRATION_CAPTIONS = 256
+"""Captions (evenly strided over the table) each actor checks reduced precision on; the same for all, and
+few enough to travel inline with the actor's constructor (a restarted actor needs them again)."""
+ADD_PART_ROWS = 1_000_000
+"""At most this many vectors per parallel add task."""
+
+
+def require_ray() -> Any:
+    """The ``ray`` module with Ray Data, or ImportError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - the ray engine needs the data library, not only the core
+    except ImportError as err:
+        raise ImportError(f"--engine ray needs Ray Data, which is not installed ({err}); {INSTALL_HINT}, "
+                          "or build with --engine local") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Use the Ray instance this process already joined, else connect to ``address`` (None: start a local
+    one on this machine) for the build and disconnect afterwards."""
+    ray = require_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def preserve_order(ray: Any) -> Iterator[None]:
+    """Datasets created inside keep their input order (the read pass needs it for first-occurrence dedupe)."""
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = before
+
+
+# ------------------------------------------------------------------------------------------ read
+
+
+def _parse_files(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """A read task: the rows of each file, as JSON text (one fixed column whatever the file's columns)."""
+    for path in batch["path"]:
+        rows: list[str] = []
+        for row in read_rows(Path(str(path))):
+            rows.append(json.dumps(as_text_row(row), ensure_ascii=False))
+            if len(rows) == READ_BATCH_ROWS:
+                yield {"row": np.array(rows, dtype=object)}
+                rows = []
+        if rows:
+            yield {"row": np.array(rows, dtype=object)}
+
+
+def read_table_ray(ray: Any, source: Source) -> CaptionTable:
+    """The caption table of ``source``, parsed by Ray read tasks (one per file) and deduplicated in order."""
+    files = source_files(source)
+    for path in files:
+        next(iter(read_rows(path)), None)  # a missing column or unreadable file fails here, in plain words
+    label, fmt = describe_source(source, files)
+    with preserve_order(ray):
+        dataset = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
+        rows = dataset.map_batches(_parse_files, batch_size=1, batch_format="numpy")
+        parsed = (json.loads(text) for batch in rows.iter_batches(batch_size=None, batch_format="numpy")
+                  for text in batch["row"])
+        return checked(collect(parsed, source=label, fmt=fmt))
+
+
+# ---------------------------------------------------------------------------------------- encode
+
+
+class CaptionEncoder:
+    """A Ray Data actor: loads the checkpoint once, then encodes batches of (row, caption) with
+    :func:`transresnet.encode.encode_captions`, the local engine's encoding function."""
+
+    def __init__(self, checkpoint_path: str, *, device: str, precision: str, calibration: list[str],
+                 batch_size: int, threads: int) -> None:
+        import torch
+
+        from transresnet.checkpoint import load_checkpoint
+        from transresnet.encode import choose_precision
+        from transresnet.runtime import apply_runtime_defaults
+
+        apply_runtime_defaults()
+        torch.set_num_threads(threads)  # the actor's CPU share, not every core of the node
+        self.model = load_checkpoint(checkpoint_path, device=device).model
+        self.batch_size = batch_size
+        # Every actor decides on the same calibration captions, so on like hardware all choose alike.
+        self.precision = (choose_precision(self.model, calibration, precision) if precision == "auto"
+                          else precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from transresnet.encode import encode_captions
+
+        vectors = encode_captions(self.model, batch["caption"].tolist(), batch_size=self.batch_size,
+                                  precision=self.precision, progress=False)
+        return {"row": batch["row"], "vector": vectors,
+                "precision": np.full(len(vectors), self.precision, dtype=object)}
+
+
+def _blocks(table: CaptionTable, options: BuildOptions) -> list[Any]:
+    """(row, caption) Arrow tables, enough of them that every actor gets several."""
+    import pyarrow as pa
+
+    n = len(table)
+    per_call = options.batch_size * ENCODE_CALLS_PER_BATCH
+    size = max(1, min(per_call, math.ceil(n / (options.workers * BLOCKS_PER_WORKER))))
+    return [pa.table({"row": np.arange(start, min(n, start + size), dtype=np.int64),
+                      "caption": table.captions[start:start + size]}) for start in range(0, n, size)]
+
+
+def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: BuildOptions, vectors: np.ndarray,
+               *, encoder: type[CaptionEncoder] = CaptionEncoder, max_retries: int = 2) -> str:
+    """Fill ``vectors`` (row i = ``table`` row i) on a pool of ``options.workers`` encoder actors; returns
+    the precision they used. Raises RuntimeError when an actor's batch keeps failing or rows are missing."""
+    n = len(table)
+    step = max(1, n // CALIBRATION_CAPTIONS)
+    kwargs = {"checkpoint_path": str(Path(checkpoint.path).resolve()),
+              "device": "cuda" if options.gpus_per_worker > 0 else "cpu", "precision": options.precision,
+              "calibration": table.captions[::step][:CALIBRATION_CAPTIONS], "batch_size": options.batch_size,
+              "threads": options.cpus_per_worker}
+    dataset = ray.data.from_arrow(_blocks(table, options))
+    encoded = dataset.map_batches(
+        encoder, fn_constructor_kwargs=kwargs, batch_size=None, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=options.cpus_per_worker,
+        num_gpus=options.gpus_per_worker or None,
+        # A killed actor is restarted and its batch retried this often; then the build fails (not hangs).
+        max_restarts=max_retries, max_task_retries=max_retries)
+    seen = np.zeros(n, dtype=bool)
+    precisions: set[str] = set()
+    try:
+        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+            rows = batch["row"]
+            if seen[rows].any():
+                raise RuntimeError(f"Ray returned {int(seen[rows].sum())} caption rows twice")
+            vectors[rows] = batch["vector"]
+            seen[rows] = True
+            precisions.update(batch["precision"].tolist())
+    except RuntimeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray wraps a dead actor or a failing batch in its own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"the Ray encoding failed ({type(err).__name__}: {first}); no index version was "
+                           "published") from err
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} of {n} caption rows came back from Ray without vectors; no "
+                           "index version was published")
+    if len(precisions) != 1:
+        raise RuntimeError(f"the encoder actors chose different precisions {sorted(precisions)} (mixed "
+                           "hardware?); pass --precision float32")
+    return precisions.pop()
+
+
+# ------------------------------------------------------------------------------------------ add
+
+
+def _train_sample(n: int, spec: fx.IndexSpec, train_ids: np.ndarray | None, seed: int) -> np.ndarray:
+    """The rows :func:`faiss_index.build_faiss_index` trains on (same seed, same draw), so both engines
+    train the same quantizer."""
+    pool = np.arange(n) if train_ids is None else np.asarray(train_ids)
+    size = min(len(pool), fx.training_sample_size(spec, n))
+    return np.sort(np.random.default_rng(seed).choice(pool, size=size, replace=False))
+
+
+def _add_part(trained: np.ndarray, vectors: np.ndarray, start: int) -> np.ndarray:
+    """A Ray task: a copy of the trained empty index with rows ``start..`` added, serialized."""
+    index = faiss.deserialize_index(trained)
+    index.add_with_ids(vectors, np.arange(start, start + len(vectors), dtype=np.int64))
+    return faiss.serialize_index(index)
+
+
+def can_add_in_parallel(spec: fx.IndexSpec) -> bool:
+    """IVF lists merge (``merge_from``); a graph (HNSW), a refine stage or an exact index do not need or allow it,
+    and on a GPU the driver adds faster itself."""
+    return spec.type in ("ivf", "ivfpq") and not spec.refine and fx.gpu_count() == 0
+
+
+def parallel_builder(ray: Any, workers: int):
+    """A :data:`build.Builder` that trains on the driver and adds IVF vectors in parallel Ray tasks."""
+    add_part = ray.remote(num_cpus=1)(_add_part)
+
+    def build(vectors: np.ndarray, spec: fx.IndexSpec, *, train_ids: np.ndarray | None = None,
+              seed: int = 0) -> tuple[faiss.Index, dict[str, float]]:
+        if not can_add_in_parallel(spec):
+            return fx.build_faiss_index(vectors, spec, train_ids=train_ids, seed=seed)
+        n, dim = vectors.shape
+        index = fx.new_index(spec, dim)
+        started = time.perf_counter()
+        sample = _train_sample(n, spec, train_ids, seed)
+        logger.info("training %s on %d of %d vectors", spec.factory(dim), len(sample), n)
+        index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
+        timings = {"train_s": time.perf_counter() - started}
+        started = time.perf_counter()
+        trained = ray.put(faiss.serialize_index(index))
+        size = min(ADD_PART_ROWS, math.ceil(n / workers))
+        pending: deque = deque()
+        for start in range(0, n, size):
+            part = np.ascontiguousarray(vectors[start:start + size], dtype=np.float32)
+            pending.append(add_part.remote(trained, part, start))
+            if len(pending) > 2 * workers:  # bounded object-store use; merged in row order
+                index.merge_from(faiss.deserialize_index(ray.get(pending.popleft())), 0)
+        while pending:
+            index.merge_from(faiss.deserialize_index(ray.get(pending.popleft())), 0)
+        timings["add_s"] = time.perf_counter() - started
+        logger.info("added %d vectors to %s in %d Ray tasks in %.1fs", n, spec.factory(dim),
+                    math.ceil(n / size), timings["add_s"])
+        return index, timings
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------- build
+
+
+def _engine_record(ray: Any, options: BuildOptions, files: int) -> dict[str, Any]:
+    resources = ray.cluster_resources()
+    return {"name": "ray", "ray_version": ray.__version__, "address": options.ray_address or "local",
+            "workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
+            "gpus_per_worker": options.gpus_per_worker, "cluster_cpus": resources.get("CPU", 0),
+            "cluster_gpus": resources.get("GPU", 0), "read_tasks": files}
+
+
+@contextlib.contextmanager
+def vector_file(root: Path, n: int, dim: int) -> Iterator[np.ndarray]:
+    """A memory-mapped (n, dim) float32 file beside the versions (same disk), removed afterwards."""
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".vectors-{os.getpid()}-", dir=root))
+    try:
+        yield np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out_root: str | Path,
+                    options: BuildOptions, *, encoder: type[CaptionEncoder] = CaptionEncoder,
+                    max_retries: int = 2) -> Published:
+    """:func:`build.build_index` on Ray: read, encode on ``options.workers`` actors, add, publish.
+
+    ``encoder``: the actor class (a subclass may wrap ``__call__``, e.g. to test a worker dying);
+    ``max_retries``: restarts of a dead actor and retries of its batch before the build fails.
+    """
+    root = Path(out_root)
+    with ray_session(options.ray_address) as ray:
+        started = time.perf_counter()
+        if isinstance(captions, CaptionTable):
+            table, files = captions, 0
+        else:
+            table, files = read_table_ray(ray, captions), len(source_files(captions))
+        read_s = time.perf_counter() - started
+        n, dim = len(table), checkpoint.model.embed_dim
+        with vector_file(root, n, dim) as vectors:
+            started = time.perf_counter()
+            precision = encode_ray(ray, table, checkpoint, options, vectors, encoder=encoder,
+                                   max_retries=max_retries)
+            vectors.flush()
+            encode_s = time.perf_counter() - started
+            rate = n / max(encode_s, 1e-9)
+            logger.info("encoded %d captions on %d Ray workers in %.1fs (%.0f captions/s, %s)", n,
+                        options.workers, encode_s, rate, precision)
+            encoding = {"precision": precision, "device": "cuda" if options.gpus_per_worker > 0 else "cpu",
+                        "batch_size": options.batch_size, "seconds": round(encode_s, 3),
+                        "captions_per_second": round(rate, 1), "workers": options.workers}
+            return write_version(root, vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
+                                 options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": encode_s},
+                                 engine=_engine_record(ray, options, files),
+                                 builder=parallel_builder(ray, options.workers))
