@@ -44,7 +44,6 @@ from . import faiss_index as fx
 from .build import BuildOptions, build_and_tune, checkpoint_info, write_version
 from .captions import CaptionTable
 from .search import CaptionIndex, load_index
-from .store import CAPTION, CAPTIONS_FILE, read_captions_table
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def prebuilt_caption_side(checkpoint: Checkpoint, task: RankingTask, options: Ev
     """A published index: its captions are the pool (split captions plus any others, as distractors)."""
     assert options.index is not None
     caption_index = load_index(options.index, checkpoint=checkpoint)
-    captions = read_captions_table(caption_index.path / CAPTIONS_FILE).column(CAPTION).to_pylist()
+    captions = caption_index.caption_texts()
     rows: dict[str, int] = {}
     for row, text in enumerate(captions):
         rows.setdefault(text_key(text), row)

@@ -129,6 +129,10 @@ class CaptionIndex:
     def faiss_index(self) -> faiss.Index:
         return self._index
 
+    def caption_texts(self) -> list[str]:
+        """Every caption in row order (row i = FAISS id i)."""
+        return self._captions.column(CAPTION).to_pylist()
+
     # ----------------------------------------------------------------------------------- tags
 
     @property

@@ -7,7 +7,9 @@ Layout::
       versions/
         20250101T120000123456Z-1a2b3c/
           index.faiss                 the FAISS index (CPU form), FAISS id i = captions row i
-          captions.parquet            row, id, caption, then metadata columns (personality, image, ...)
+          captions.arrow              row, id, caption, then metadata columns (personality, image, ...):
+                                      an uncompressed Arrow IPC file, memory-mapped by readers
+                                      (format 1 versions hold captions.parquet instead)
           manifest.json               fingerprint, dimension, count, index type and parameters, sha256s
           .staging-<version>@<host>@<pid>/ a build in progress (never read)
 
@@ -38,11 +40,15 @@ from .captions import CaptionTable
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written by this version. 2: captions in an Arrow IPC file (memory-mapped: the text of a million captions
+stays in the page cache, not in each process's heap); 1: captions in Parquet (still read)."""
+READABLE_FORMATS = (1, 2)
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 INDEX_FILE = "index.faiss"
-CAPTIONS_FILE = "captions.parquet"
+CAPTIONS_FILE = "captions.arrow"
+LEGACY_CAPTIONS_FILE = "captions.parquet"
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".staging-"
 POINTER_TEMP_PREFIX = f".{CURRENT}."
@@ -186,11 +192,25 @@ def captions_arrow(table: CaptionTable) -> pa.Table:
 
 
 def write_captions(path: Path, table: CaptionTable) -> None:
-    pq.write_table(captions_arrow(table), path, compression="zstd")
+    """Uncompressed Arrow IPC, so readers map it without decoding (compressed buffers would be copied out)."""
+    data = captions_arrow(table)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, data.schema) as writer:
+        writer.write_table(data)
 
 
-def read_captions_table(path: Path, *, memory_map: bool = False) -> pa.Table:
-    return pq.read_table(path, memory_map=memory_map)
+def captions_file(manifest: dict[str, Any]) -> str:
+    """The caption file of a version of this manifest's format."""
+    return LEGACY_CAPTIONS_FILE if manifest.get("format_version") == 1 else CAPTIONS_FILE
+
+
+def read_captions_table(path: Path) -> pa.Table:
+    """A version's captions: an Arrow IPC file is memory-mapped (zero copy; pages load as rows are read),
+    a format-1 Parquet file is decoded into memory."""
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    table.validate()  # buffer sizes against the row count (cheap: reads no text), so a bad file fails here
+    return table
 
 
 MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {"dim": int, "count": int, "checkpoint": dict, "index": dict,
@@ -215,10 +235,11 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise IndexLoadError(f"{path} is corrupted (not a JSON object); rebuild with `transresnet index build`",
                              reason=f"{MANIFEST_FILE} is corrupted")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
+        readable = " and ".join(map(str, READABLE_FORMATS))
         raise IndexLoadError(f"{version_dir} has index format {manifest.get('format_version')}; this version "
-                             f"reads format {FORMAT_VERSION}: rebuild with `transresnet index build`",
-                             reason=f"index format {manifest.get('format_version')!r}, not {FORMAT_VERSION}")
+                             f"reads formats {readable}: rebuild with `transresnet index build`",
+                             reason=f"index format {manifest.get('format_version')!r}, not {readable}")
     problems = [key for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
     if problems:
         raise IndexLoadError(f"{path} lacks or mangles {', '.join(problems)}: it is corrupted; rebuild with "
@@ -230,7 +251,7 @@ def verify_files(version_dir: Path, manifest: dict[str, Any], *, checksums: bool
                  rebuild: str = "transresnet index build") -> None:
     """Every file the manifest lists is present, of its recorded size and (optionally) checksum."""
     files = manifest.get("files", {})
-    for name in (INDEX_FILE, CAPTIONS_FILE):
+    for name in (INDEX_FILE, captions_file(manifest)):
         if name not in files:
             raise IndexLoadError(f"{version_dir / MANIFEST_FILE} does not list {name}: the manifest is incomplete; "
                                  f"rebuild it: {rebuild}", reason=f"{MANIFEST_FILE} does not list {name}")

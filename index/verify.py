@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from . import faiss_index as fx
 from . import store
-from .store import CAPTIONS_FILE, INDEX_FILE, IndexLoadError
+from .store import INDEX_FILE, IndexLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +170,14 @@ def open_version(version_dir: Path, manifest: dict[str, Any], *, checksums: bool
                              f"the manifest says {manifest['count']} of {manifest['dim']}; rebuild it: {rebuild}",
                              reason=f"{index.ntotal}x{index.d} vectors, manifest says "
                                     f"{manifest['count']}x{manifest['dim']}")
+    captions_path = version_dir / store.captions_file(manifest)
     try:
-        captions = store.read_captions_table(version_dir / CAPTIONS_FILE, memory_map=mmap)
+        captions = store.read_captions_table(captions_path)
     except (OSError, pa.ArrowException) as err:
-        raise IndexLoadError(f"{version_dir / CAPTIONS_FILE} cannot be read ({err}); rebuild it: {rebuild}",
-                             reason=f"{CAPTIONS_FILE} unreadable") from None
+        raise IndexLoadError(f"{captions_path} cannot be read ({err}); rebuild it: {rebuild}",
+                             reason=f"{captions_path.name} unreadable") from None
     if captions.num_rows != manifest["count"]:
-        raise IndexLoadError(f"{version_dir / CAPTIONS_FILE} has {captions.num_rows} rows, the index "
+        raise IndexLoadError(f"{captions_path} has {captions.num_rows} rows, the index "
                              f"{manifest['count']}; rebuild it: {rebuild}",
                              reason=f"{captions.num_rows} captions for {manifest['count']} vectors")
     check_finite(index, captions, manifest, version_dir, rebuild)

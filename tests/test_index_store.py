@@ -38,14 +38,42 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "index"
 
 
+def test_captions_are_memory_mapped_not_copied(root: Path) -> None:
+    """Loading a version maps its Arrow caption file: no caption text lands in Arrow's heap, however many
+    captions there are (the text of a million rows stays in the page cache)."""
+    import pyarrow as pa
+
+    version = tiny_version(root, n=20_000)
+    before = pa.total_allocated_bytes()
+    index = load_index(version, verify=False)
+    assert pa.total_allocated_bytes() - before < 64 * 1024  # the captions alone are ~500 kB
+    assert index.caption_texts()[19_999] == "caption 0 19999"
+
+
+def test_format_1_versions_with_parquet_captions_still_load(root: Path) -> None:
+    import pyarrow.parquet as pq
+
+    version = tiny_version(root)
+    expected = load_index(version).search(np.eye(16, dtype=np.float32)[:3], 5)
+    captions = store.read_captions_table(version / store.CAPTIONS_FILE)
+    pq.write_table(captions, version / store.LEGACY_CAPTIONS_FILE)
+    (version / store.CAPTIONS_FILE).unlink()
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["files"][store.CAPTIONS_FILE]
+    manifest["files"][store.LEGACY_CAPTIONS_FILE] = store.file_entry(version / store.LEGACY_CAPTIONS_FILE)
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    assert load_index(version).search(np.eye(16, dtype=np.float32)[:3], 5) == expected
+
+
 def test_layout_manifest_and_current(root: Path) -> None:
     version = tiny_version(root)
     assert version.parent == root / "versions" and store.read_current(root) == version.name
-    assert sorted(p.name for p in version.iterdir()) == ["captions.parquet", "index.faiss", "manifest.json"]
+    assert sorted(p.name for p in version.iterdir()) == ["captions.arrow", "index.faiss", "manifest.json"]
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["dim"] == 16 and manifest["count"] == 40 and manifest["metric"] == "inner_product"
     assert manifest["checkpoint"]["fingerprint"] == FINGERPRINT and manifest["index"]["type"] == "flat"
-    assert set(manifest["files"]) == {"index.faiss", "captions.parquet"}
+    assert set(manifest["files"]) == {"index.faiss", "captions.arrow"}
     assert manifest["files"]["index.faiss"]["sha256"] == store.sha256_file(version / "index.faiss")
     assert load_index(root).version == load_index(version).version == version.name
 
@@ -80,8 +108,8 @@ def test_truncated_corrupted_and_missing_files(root: Path) -> None:
     with pytest.raises(IndexLoadError, match="index.faiss is corrupted"):
         load_index(root)
     index_file.write_bytes(data)
-    (version / "captions.parquet").unlink()
-    with pytest.raises(IndexLoadError, match="missing captions.parquet; rebuild it: transresnet index build"):
+    (version / "captions.arrow").unlink()
+    with pytest.raises(IndexLoadError, match="missing captions.arrow; rebuild it: transresnet index build"):
         load_index(root)
     (version / "manifest.json").write_text("{not json")
     with pytest.raises(IndexLoadError, match="manifest.json is corrupted"):
@@ -122,7 +150,7 @@ def test_killed_build_process_leaves_previous_version(root: Path) -> None:
         from tests.test_index_store import tiny_version
         real = store.file_entry
         def die(path):
-            if path.name == "captions.parquet":
+            if path.name == "captions.arrow":
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a power cut mid-build
             return real(path)
         store.file_entry = die
