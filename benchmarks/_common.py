@@ -15,7 +15,10 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from transresnet.runtime import apply_runtime_defaults
 from transresnet.tables import format_table
@@ -66,6 +69,27 @@ def rate(fn: Callable[[], Any], items: int, *, min_seconds: float = 1.0, max_rep
     while (len(times) < min_repeats or sum(times) < min_seconds) and len(times) < max_repeats:
         times.append(timed(fn)[0])
     return items / statistics.median(times)
+
+
+def mixture(n: int, dim: int, *, seed: int, clusters: int = 1000, latent: int = 64,
+            chunk: int = 100_000) -> np.ndarray:
+    """Unit vectors from a gaussian mixture in a ``latent``-d subspace, plus isotropic noise (real caption
+    embeddings have low intrinsic dimension and cluster by topic)."""
+    import numpy as np  # here, so setup_env() runs before numpy's BLAS reads its thread settings
+
+    rng = np.random.default_rng(seed)
+    model_rng = np.random.default_rng(12345)  # centres and projection shared by database and queries
+    centres = model_rng.standard_normal((clusters, latent)).astype(np.float32)
+    spread = model_rng.uniform(0.6, 1.4, size=clusters).astype(np.float32)  # some topics are broader
+    projection = (model_rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        labels = rng.integers(clusters, size=m)
+        z = centres[labels] + spread[labels, None] * rng.standard_normal((m, latent), dtype=np.float32)
+        x = z @ projection + 0.25 * rng.standard_normal((m, dim), dtype=np.float32)
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from _common import loadavg, machine, setup_env, table, timed, write_json  # noqa: E402 (the script folder is on sys.path)
+from _common import loadavg, machine, mixture, setup_env, table, timed, write_json  # noqa: E402 (the script folder is on sys.path)
 
 setup_env()
 
@@ -52,24 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -------------------------------------------------------------------------------------------- data
-
-
-def mixture(n: int, dim: int, *, seed: int, clusters: int = 1000, latent: int = 64,
-            chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors from a gaussian mixture in a ``latent``-d subspace, plus isotropic noise."""
-    rng = np.random.default_rng(seed)
-    model_rng = np.random.default_rng(12345)  # centres and projection shared by database and queries
-    centres = model_rng.standard_normal((clusters, latent)).astype(np.float32)
-    spread = model_rng.uniform(0.6, 1.4, size=clusters).astype(np.float32)  # some topics are broader
-    projection = (model_rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        labels = rng.integers(clusters, size=m)
-        z = centres[labels] + spread[labels, None] * rng.standard_normal((m, latent), dtype=np.float32)
-        x = z @ projection + 0.25 * rng.standard_normal((m, dim), dtype=np.float32)
-        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ timing
