@@ -1,5 +1,5 @@
-"""`transresnet index build | info | query | verify | rollback`. Light at import: torch and faiss load inside
-the handlers."""
+"""`transresnet index build | add | remove | info | query | verify | rollback`. Light at import: torch and faiss
+load inside the handlers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from transresnet.index.options import FLAG_NAMES, BuildOptions
+from transresnet.index.options import FLAG_NAMES, BuildOptions, UpdateOptions
 from transresnet.options import Device, add_arguments, choices, from_namespace
 from transresnet.tables import format_table
 
@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("index", help="build, inspect and query caption indexes")
     commands = parser.add_subparsers(dest="index_command", metavar="SUBCOMMAND", required=True)
     _register_build(commands)
+    _register_add(commands)
+    _register_remove(commands)
     _register_info(commands)
     _register_query(commands)
     _register_verify(commands)
@@ -28,12 +30,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_build(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("build", help="encode captions with a checkpoint and publish a FAISS index version")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--captions", required=True, type=Path,
-                   help="captions: .txt (one per line), .csv or .jsonl with a 'caption' column")
+    p.add_argument("--captions", required=True, type=Path, nargs="+", metavar="SOURCE",
+                   help="captions: .txt (one per line), .csv, .jsonl or .parquet with a 'caption' column; several "
+                        "files or a folder of them are read as one source")
     p.add_argument("--out", required=True, type=Path, help="INDEX_ROOT (versions are published under it)")
     add_arguments(p, BuildOptions, renames=FLAG_NAMES)
     p.add_argument("--device", choices=choices(Device), default="auto", help="encoder device (default: auto)")
     p.set_defaults(func=cmd_build)
+
+
+def _register_add(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("add", help="publish a new version: the current one plus new captions (only those "
+                                        "are encoded; no rebuild)")
+    p.add_argument("--index", required=True, type=Path, help="INDEX_ROOT whose current version is added to")
+    p.add_argument("--captions", required=True, type=Path,
+                   help="new captions, in any format index build reads; ones already indexed are skipped")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="checkpoint directory; its text fingerprint must be the index's")
+    add_arguments(p, UpdateOptions)
+    p.add_argument("--device", choices=choices(Device), default="auto", help="encoder device (default: auto)")
+    p.set_defaults(func=cmd_add)
+
+
+def _register_remove(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("remove", help="publish a new version: the current one without some captions")
+    p.add_argument("--index", required=True, type=Path, help="INDEX_ROOT whose current version is removed from")
+    p.add_argument("--ids", required=True, type=Path,
+                   help="caption ids to remove: one per line, or a .csv/.tsv with an 'id' column, or .jsonl")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory; when given, refused unless its fingerprint is the index's")
+    add_arguments(p, UpdateOptions, exclude=("batch_size", "precision"))
+    p.set_defaults(func=cmd_remove)
 
 
 def _register_info(commands: argparse._SubParsersAction) -> None:
@@ -79,15 +106,51 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = from_namespace(BuildOptions, args)  # validated before torch and faiss load
     if not args.checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
-    if not args.captions.is_file():
-        raise FileNotFoundError(f"caption file {args.captions} not found")
+    if options.engine == "ray" and args.device != "auto":
+        raise ValueError("--device applies to --engine local; Ray workers encode on a GPU when given "
+                         "--gpus-per-worker, else on CPUs")
+    from transresnet.index.captions import source_files
+
+    source_files(args.captions)  # every path exists and has a known format, before torch loads
 
     from transresnet.checkpoint import load_checkpoint
     from transresnet.devices import resolve_device
     from transresnet.index.build import build_index
 
-    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    # The ray engine's driver only fingerprints the checkpoint; its workers load their own copies.
+    device = "cpu" if options.engine == "ray" else resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint, device=device)
     print(build_index(checkpoint, args.captions, args.out, options).summary())
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    update = from_namespace(UpdateOptions, args)
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
+
+    from transresnet.checkpoint import load_checkpoint
+    from transresnet.devices import resolve_device
+    from transresnet.index.incremental import add_captions
+
+    checkpoint = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    print(add_captions(args.index, args.captions, checkpoint, update).message)
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    update = from_namespace(UpdateOptions, args)
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
+
+    from transresnet.index.incremental import remove_captions
+
+    checkpoint = None
+    if args.checkpoint is not None:
+        from transresnet.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(args.checkpoint, device="cpu")  # only its fingerprint is read
+    print(remove_captions(args.index, args.ids, checkpoint=checkpoint, update=update).message)
     return 0
 
 
