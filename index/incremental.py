@@ -489,6 +489,10 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     refuse_nonfinite(vectors, fresh)
     timings = {"read_s": time.perf_counter() - started - encoding["seconds"], "encode_s": encoding["seconds"]}
     spec = parent_spec(parent.manifest)
+    if spec.type in ("ivf", "ivfpq") and len(fresh) > len(old):
+        logger.warning("this add more than doubles the index (%d -> %d captions); its IVF lists stay those trained "
+                       "on the earlier vectors: a full `transresnet index build` retrains them", len(old),
+                       len(old) + len(fresh))
     adding = time.perf_counter()
     how = append_vectors(parent.index, vectors)
     timings["add_s"] = time.perf_counter() - adding

@@ -252,6 +252,26 @@ def test_interrupted_add_leaves_the_parent_current(tiny_checkpoint: Checkpoint, 
     assert not list(store.versions_dir(root).glob(f"{store.STAGING_PREFIX}*"))
 
 
+def test_add_refuses_to_publish_over_a_version_published_meanwhile(tiny_checkpoint: Checkpoint, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "index"
+    build(tiny_checkpoint, root)
+    (tmp_path / "new.txt").write_text("a brand new caption\n", encoding="utf-8")
+    real = store.write_captions
+    others: list[Path] = []
+
+    def another_build_lands_first(path: Path, table) -> None:
+        if not others:  # a concurrent `index build` publishes while this add is staging
+            others.append(root)  # marks it started: that build writes captions through here too
+            others[0] = build(tiny_checkpoint, root, service_captions()[:5])
+        real(path, table)
+
+    monkeypatch.setattr(store, "write_captions", another_build_lands_first)
+    with pytest.raises(RuntimeError, match="changed to .* during this add .*run it again"):
+        add_captions(root, tmp_path / "new.txt", tiny_checkpoint, progress=False)
+    assert current(root) == others[0].name and len(store.list_versions(root)) == 2
+
+
 # ----------------------------------------------------------------------------------------- remove
 
 
