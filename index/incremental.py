@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from transresnet.files import sha256_file
 from transresnet.keys import text_key
@@ -47,6 +48,7 @@ from .captions import (
     CSV_SUFFIXES,
     ID,
     JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
     CaptionTable,
     checked,
     collect,
@@ -236,22 +238,36 @@ def encode_new(checkpoint: Checkpoint, table: CaptionTable, options: BuildOption
 
 
 def read_ids(path: str | Path) -> list[str]:
-    """Caption ids to remove, in file order without repeats: a .csv/.tsv with an 'id' column, a .jsonl with
-    an 'id' field per line, or any other file with one id per line (blank lines skipped)."""
+    """Caption ids to remove, in file order without repeats: a .csv/.tsv or .parquet with an 'id' column, a
+    .jsonl with an 'id' field per line, or any other file with one id per line (blank lines skipped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ids file {path} not found (one caption id per line, or a CSV with an 'id' column)")
     suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        values = _csv_ids(path)
-    elif suffix in JSONL_SUFFIXES:
-        values = _jsonl_ids(path)
-    else:
-        values = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if suffix in CSV_SUFFIXES:
+            values = _csv_ids(path)
+        elif suffix in JSONL_SUFFIXES:
+            values = _jsonl_ids(path)
+        elif suffix in PARQUET_SUFFIXES:
+            values = _parquet_ids(path)
+        else:
+            values = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; write one caption id per line (or a CSV with an 'id' "
+                         "column)") from None
     ids = list(dict.fromkeys(v.strip() for v in values if v is not None and v.strip()))
     if not ids:
         raise ValueError(f"{path} holds no caption ids; write one id per line (or a CSV with an 'id' column)")
     return ids
+
+
+def _parquet_ids(path: Path) -> list[str]:
+    names = pq.read_schema(path).names
+    if ID not in names:
+        raise ValueError(f"{path} has no '{ID}' column (columns: {', '.join(names) or 'none'}); name the column "
+                         f"of caption ids '{ID}'")
+    return [None if v is None else str(v) for v in pq.read_table(path, columns=[ID]).column(ID).to_pylist()]
 
 
 def _csv_ids(path: Path) -> list[str]:
@@ -471,6 +487,7 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     """Publish the current version of ``root`` plus the captions of ``captions`` it does not hold yet
     (same text key = already held: skipped and counted); only those are encoded."""
     started = time.perf_counter()
+    source_files(captions)  # a missing or unreadable-format source fails before the parent's checksums are read
     parent = open_parent(root, "add captions", checkpoint)
     options = parent_options(parent.manifest, update)
     old = table_of(parent.captions, parent.manifest.get("source", {}))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transresnet.index import faiss_index as fx
@@ -361,6 +363,8 @@ def test_read_ids_formats(tmp_path: Path) -> None:
     assert read_ids(tmp_path / "ids.tsv") == ["7", "8"]
     (tmp_path / "ids.jsonl").write_text('{"id": 5}\n\n{"id": "c9"}\n', encoding="utf-8")
     assert read_ids(tmp_path / "ids.jsonl") == ["5", "c9"]
+    pq.write_table(pa.table({"id": ["p1", None, "p2"], "caption": ["x", "y", "z"]}), tmp_path / "ids.parquet")
+    assert read_ids(tmp_path / "ids.parquet") == ["p1", "p2"]
     (tmp_path / "bad.csv").write_text("caption\nhello\n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no 'id' column"):
         read_ids(tmp_path / "bad.csv")
