@@ -230,3 +230,32 @@ def test_poll_outcomes_with_a_missing_pointer(service_settings, tiny_checkpoint,
                                     "reloaded", "unchanged"]
     assert metrics.registry.get_sample_value("transresnet_index_follow_total", {"outcome": "pointer_unreadable"}) == 1
     assert metrics.registry.get_sample_value("transresnet_index_follow_total", {"outcome": "reloaded"}) == 1
+
+
+def test_a_start_up_fallback_is_refused_once_and_cleared_when_current_is_fixed(service_settings, follow_root,
+                                                                             tmp_path):
+    """CURRENT bad at start-up: the newest good version serves (fallback); following refuses the bad one once
+    and, once CURRENT is rolled back to the served version, reloads it so /readyz stops reporting a fallback."""
+    from transresnet.index.store import set_current
+    from transresnet.service.follow import index_follower
+    from transresnet.service.metrics import ServiceMetrics
+    from transresnet.service.resources import Resources
+
+    root, first = follow_root
+    bad = publish_corrupt_copy(root, first, tmp_path)
+
+    async def steps() -> list[str]:
+        resources = Resources(follow_settings(service_settings, root), ServiceMetrics())
+        follower = index_follower(resources.settings, resources)
+        await resources.start()
+        try:
+            assert resources.bundle.index_fallback["wanted"] == bad
+            outcomes = [await follower.poll(), await follower.poll()]
+            set_current(root, first.name)
+            outcomes += [await follower.poll(), await follower.poll()]
+            assert resources.bundle.index.version == first.name and resources.bundle.index_fallback is None
+            return outcomes
+        finally:
+            await resources.close()
+
+    assert asyncio.run(steps()) == ["refused", "waiting", "reloaded", "unchanged"]
