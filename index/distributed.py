@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,9 +159,11 @@ class CaptionEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from transresnet.encode import encode_captions
 
+        started = time.perf_counter()
         vectors = encode_captions(self.model, batch["caption"].tolist(), batch_size=self.batch_size,
                                   precision=self.precision, progress=False)
-        return {"row": batch["row"], "vector": vectors,
+        busy = (time.perf_counter() - started) / max(1, len(vectors))  # per row: sums to the actors' busy time
+        return {"row": batch["row"], "vector": vectors, "busy_s": np.full(len(vectors), busy),
                 "precision": np.full(len(vectors), self.precision, dtype=object)}
 
 
@@ -175,10 +178,19 @@ def _blocks(table: CaptionTable, options: BuildOptions) -> list[Any]:
                       "caption": table.captions[start:start + size]}) for start in range(0, n, size)]
 
 
+@dataclass
+class Encoded:
+    """What the encoder actors did: their precision and the seconds they spent encoding (all actors
+    together; startup and waiting excluded), the basis of the per-worker throughput."""
+
+    precision: str
+    busy_s: float
+
+
 def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: BuildOptions, vectors: np.ndarray,
-               *, encoder: type[CaptionEncoder] = CaptionEncoder, max_retries: int = 2) -> str:
-    """Fill ``vectors`` (row i = ``table`` row i) on a pool of ``options.workers`` encoder actors; returns
-    the precision they used. Raises RuntimeError when an actor's batch keeps failing or rows are missing."""
+               *, encoder: type[CaptionEncoder] = CaptionEncoder, max_retries: int = 2) -> Encoded:
+    """Fill ``vectors`` (row i = ``table`` row i) on a pool of ``options.workers`` encoder actors.
+    Raises RuntimeError when an actor's batch keeps failing or rows are missing."""
     n = len(table)
     step = max(1, n // CALIBRATION_CAPTIONS)
     kwargs = {"checkpoint_path": str(Path(checkpoint.path).resolve()),
@@ -194,6 +206,7 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
         max_restarts=max_retries, max_task_retries=max_retries)
     seen = np.zeros(n, dtype=bool)
     precisions: set[str] = set()
+    busy = 0.0
     try:
         for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
             rows = batch["row"]
@@ -202,6 +215,7 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
             vectors[rows] = batch["vector"]
             seen[rows] = True
             precisions.update(batch["precision"].tolist())
+            busy += float(batch["busy_s"].sum())
     except RuntimeError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps a dead actor or a failing batch in its own types
@@ -214,7 +228,7 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
     if len(precisions) != 1:
         raise RuntimeError(f"the encoder actors chose different precisions {sorted(precisions)} (mixed "
                            "hardware?); pass --precision float32")
-    return precisions.pop()
+    return Encoded(precisions.pop(), busy)
 
 
 # ------------------------------------------------------------------------------------------ add
@@ -316,16 +330,19 @@ def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out
         n, dim = len(table), checkpoint.model.embed_dim
         with vector_file(root, n, dim) as vectors:
             started = time.perf_counter()
-            precision = encode_ray(ray, table, checkpoint, options, vectors, encoder=encoder,
-                                   max_retries=max_retries)
+            encoded = encode_ray(ray, table, checkpoint, options, vectors, encoder=encoder,
+                                 max_retries=max_retries)
             vectors.flush()
             encode_s = time.perf_counter() - started
             rate = n / max(encode_s, 1e-9)
             logger.info("encoded %d captions on %d Ray workers in %.1fs (%.0f captions/s, %s)", n,
-                        options.workers, encode_s, rate, precision)
-            encoding = {"precision": precision, "device": "cuda" if options.gpus_per_worker > 0 else "cpu",
+                        options.workers, encode_s, rate, encoded.precision)
+            # Wall time includes actor startup (a checkpoint load each); busy time is the steady-state rate.
+            encoding = {"precision": encoded.precision, "device": "cuda" if options.gpus_per_worker > 0 else "cpu",
                         "batch_size": options.batch_size, "seconds": round(encode_s, 3),
-                        "captions_per_second": round(rate, 1), "workers": options.workers}
+                        "captions_per_second": round(rate, 1), "workers": options.workers,
+                        "worker_busy_s": round(encoded.busy_s, 3),
+                        "captions_per_worker_second": round(n / max(encoded.busy_s, 1e-9), 1)}
             return write_version(root, vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
                                  options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": encode_s},
                                  engine=_engine_record(ray, options, files),
