@@ -166,3 +166,18 @@ def test_every_flag_has_help_without_none_defaults_or_backticks() -> None:
 
     walk(build_parser(), "transresnet")
     assert problems == []
+
+
+def test_serve_flags_become_service_settings() -> None:
+    """Every serve flag lands on its ServiceSettings field; flags left out leave the environment's alone."""
+    from transresnet.service.settings import ServiceSettings
+
+    from transresnet.cli import build_parser
+    from transresnet.cli.serve import _overrides
+
+    args = build_parser().parse_args(["serve", "--mmap", "--follow-index", "2.5", "--index-placement", "cpu",
+                                      "--no-batching", "--max-batch", "8"])
+    settings = ServiceSettings(**_overrides(args))
+    assert (settings.index_mmap, settings.follow_index, settings.index_placement) == (True, 2.5, "cpu")
+    assert (settings.batching, settings.max_batch) == (False, 8)
+    assert _overrides(build_parser().parse_args(["serve"])) == {}

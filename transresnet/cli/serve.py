@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from transresnet.options import Device, choices
+from transresnet.options import Device, IndexPlacement, choices
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device, "max_batch": args.max_batch, "max_search_batch": args.max_search_batch,
         "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
+        "follow_index": args.follow_index, "index_placement": args.index_placement,
     }
     if args.no_batching:
         values["batching"] = False
+    if args.mmap:
+        values["index_mmap"] = True
     return {key: value for key, value in values.items() if value is not None}
 
 
@@ -115,6 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="caption requests admitted at once; beyond it 503 with Retry-After (default 48)")
     serve.add_argument("--no-batching", action="store_true", help="encode and search one request at a time")
     serve.add_argument("--threads", type=int, help="torch CPU threads for image encoding (default: torch's)")
+    serve.add_argument("--mmap", action="store_true",
+                       help="memory-map the index vectors and captions instead of reading them (searched on CPU)")
+    serve.add_argument("--index-placement", choices=choices(IndexPlacement),
+                       help="where the index is searched when FAISS sees GPUs (default auto)")
+    serve.add_argument("--follow-index", type=float, metavar="SECONDS",
+                       help="poll the index root's CURRENT every SECONDS and swap to the version it names")
     serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demo (default .cache/demo)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn and service log level (default info)")
