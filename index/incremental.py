@@ -516,8 +516,8 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     tuning, recheck = recheck_tuning(parent.index, spec, options)
     inputs = [file_record(path) for path in source_files(captions)]
     entry = {"input": inputs, "rows": read.rows_read, "added": len(fresh), "encoded": len(fresh),
-             "skipped_duplicates": skipped + read.dropped_duplicate, "dropped_empty": read.dropped_empty,
-             "index_update": how}
+             "already_indexed": skipped, "dropped_duplicate": read.dropped_duplicate,
+             "dropped_empty": read.dropped_empty, "index_update": how}
     published = publish_update(parent, index=parent.index, table=concat_tables(old, fresh), spec=spec,
                                options=options, tuning=tuning, timings=timings, info=checkpoint_info(checkpoint),
                                encoding=encoding, lineage=_lineage(parent, "add", entry, recheck))

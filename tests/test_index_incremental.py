@@ -124,7 +124,7 @@ def test_add_to_flat_equals_rebuild_and_encodes_only_new(tiny_checkpoint: Checkp
     assert lineage["parent"]["manifest_sha256"] == sha256_file(parent / store.MANIFEST_FILE)
     assert lineage["input"][0]["sha256"] == sha256_file(new_file)
     assert lineage["added"] == lineage["encoded"] == manifest["encoding"]["encoded"] == 40
-    assert lineage["skipped_duplicates"] == 2 and manifest["count"] == 80
+    assert lineage["already_indexed"] == 2 and lineage["dropped_duplicate"] == 0 and manifest["count"] == 80
     assert manifest["files"][store.INDEX_FILE]["sha256"] == sha256_file(update.published.path / store.INDEX_FILE)
 
     rebuilt = load_index(build(tiny_checkpoint, tmp_path / "rebuilt", service_captions() + fresh))
