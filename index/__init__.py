@@ -3,6 +3,7 @@
 Public API (imported lazily so ``import transresnet.index`` stays light)::
 
     from transresnet.index import build_index, BuildOptions, Published   # captions -> published version
+    from transresnet.index import add_captions, remove_captions        # current version +/- captions
     from transresnet.index import load_index, CaptionIndex, Hit, IndexLoadError
     from transresnet.index import read_captions, CaptionTable
 
@@ -17,6 +18,8 @@ from typing import Any
 _EXPORTS = {
     "build_index": "build",
     "write_version": "build",
+    "add_captions": "incremental",
+    "remove_captions": "incremental",
     "BuildOptions": "options",
     "Published": "build",
     "load_index": "search",
