@@ -491,39 +491,50 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     parent = open_parent(root, "add captions", checkpoint)
     options = parent_options(parent.manifest, update)
     old = table_of(parent.captions, parent.manifest.get("source", {}))
-    read = read_new_captions(captions, next_free_number(old.ids))
-    fresh, skipped = new_rows(old, read)
-    if skipped:
-        logger.warning("%d of the %d captions in %s are already in the index (same text); skipped", skipped,
-                       len(read), read.source)
+    read, fresh, skipped = select_new(old, captions)
     if len(fresh) == 0:
         return Update("add", parent.version, None, f"nothing to add: all {len(read)} captions of {read.source} "
                                                    f"are already in version {parent.version}; nothing published")
-    if old.personalities is not None and fresh.personalities is None:
-        logger.warning("%s has no personality column: its captions carry no personality tag (a filtered search "
-                       "never returns them)", read.source)
     vectors, encoding = encode_new(checkpoint, fresh, options, progress)
     refuse_nonfinite(vectors, fresh)
     timings = {"read_s": time.perf_counter() - started - encoding["seconds"], "encode_s": encoding["seconds"]}
     spec = parent_spec(parent.manifest)
-    if spec.type in ("ivf", "ivfpq") and len(fresh) > len(old):
-        logger.warning("this add more than doubles the index (%d -> %d captions); its IVF lists stay those trained "
-                       "on the earlier vectors: a full `transresnet index build` retrains them", len(old),
-                       len(old) + len(fresh))
     adding = time.perf_counter()
-    how = append_vectors(parent.index, vectors)
+    how = grow(parent.index, vectors, spec)
     timings["add_s"] = time.perf_counter() - adding
     tuning, recheck = recheck_tuning(parent.index, spec, options)
-    inputs = [file_record(path) for path in source_files(captions)]
-    entry = {"input": inputs, "rows": read.rows_read, "added": len(fresh), "encoded": len(fresh),
-             "already_indexed": skipped, "dropped_duplicate": read.dropped_duplicate,
-             "dropped_empty": read.dropped_empty, "index_update": how}
+    entry = {"input": [file_record(path) for path in source_files(captions)], "rows": read.rows_read,
+             "added": len(fresh), "encoded": len(fresh), "already_indexed": skipped,
+             "dropped_duplicate": read.dropped_duplicate, "dropped_empty": read.dropped_empty, "index_update": how}
     published = publish_update(parent, index=parent.index, table=concat_tables(old, fresh), spec=spec,
                                options=options, tuning=tuning, timings=timings, info=checkpoint_info(checkpoint),
                                encoding=encoding, lineage=_lineage(parent, "add", entry, recheck))
     return Update("add", parent.version, published,
                   f"added {len(fresh)} captions to version {parent.version} ({skipped} already in the index "
                   f"skipped; encoded {len(fresh)}): {published.summary()}")
+
+
+def select_new(old: CaptionTable, captions: str | Path) -> tuple[CaptionTable, CaptionTable, int]:
+    """(the file as read, its captions the index lacks, how many it already holds), with warnings."""
+    read = read_new_captions(captions, next_free_number(old.ids))
+    fresh, skipped = new_rows(old, read)
+    if skipped:
+        logger.warning("%d of the %d captions in %s are already in the index (same text); skipped", skipped,
+                       len(read), read.source)
+    if len(fresh) and old.personalities is not None and fresh.personalities is None:
+        logger.warning("%s has no personality column: its captions carry no personality tag (a filtered search "
+                       "never returns them)", read.source)
+    return read, fresh, skipped
+
+
+def grow(index: faiss.Index, vectors: np.ndarray, spec: fx.IndexSpec) -> str:
+    """Add the new vectors to the parent's index (see :func:`append_vectors`); warns when IVF lists trained
+    on the earlier vectors now hold mostly later ones."""
+    if spec.type in ("ivf", "ivfpq") and len(vectors) > index.ntotal:
+        logger.warning("this add more than doubles the index (%d -> %d captions); its IVF lists stay those trained "
+                       "on the earlier vectors: a full `transresnet index build` retrains them", index.ntotal,
+                       index.ntotal + len(vectors))
+    return append_vectors(index, vectors)
 
 
 def remove_captions(root: str | Path, ids_file: str | Path, *, checkpoint: Checkpoint | None = None,
