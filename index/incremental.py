@@ -550,19 +550,7 @@ def remove_captions(root: str | Path, ids_file: str | Path, *, checkpoint: Check
     spec = parent_spec(parent.manifest)
     kept_rows = np.setdiff1d(np.arange(len(old), dtype=np.int64), rows)
     timings = {"read_s": time.perf_counter() - started}
-    removing = time.perf_counter()
-    if spec.type == "hnsw":
-        how = "HNSW cannot remove vectors: rebuilt from the parent's stored vectors without them"
-        logger.warning("%s (%d of %d rows kept)", how, len(kept_rows), len(old))
-        vectors, _ = stored_vectors(parent.index)
-        index, tuning, build_timings = build_and_tune(vectors[kept_rows], spec, options)
-        timings.update({k: v for k, v in build_timings.items() if k != "tune_s"})
-        recheck = {"rebuilt": True, "retuned": True}
-    else:
-        index = parent.index
-        how = remove_rows(index, rows)
-        timings["remove_s"] = time.perf_counter() - removing
-        tuning, recheck = recheck_tuning(index, spec, options)
+    index, how, tuning, recheck = shrink(parent.index, rows, spec, options, timings)
     entry = {"input": [file_record(ids_file)], "requested": len(ids), "removed": len(rows),
              "unknown": len(unknown), "unknown_first": unknown[:SHOWN_IDS], "encoded": 0, "index_update": how}
     info = version_checkpoint(parent.manifest, checkpoint)
@@ -572,6 +560,23 @@ def remove_captions(root: str | Path, ids_file: str | Path, *, checkpoint: Check
     unknown_note = f"; {len(unknown)} unknown ids ignored" if unknown else ""
     return Update("remove", parent.version, published,
                   f"removed {len(rows)} captions from version {parent.version}{unknown_note}: {published.summary()}")
+
+
+def shrink(index: faiss.Index, rows: np.ndarray, spec: fx.IndexSpec, options: BuildOptions,
+           timings: dict[str, float]) -> tuple[faiss.Index, str, Tuning, dict[str, Any]]:
+    """The parent's index without ``rows`` (ids renumbered), how that was done, its tuning and re-check."""
+    started = time.perf_counter()
+    if spec.type != "hnsw":
+        how = remove_rows(index, rows)
+        timings["remove_s"] = time.perf_counter() - started
+        return (index, how, *recheck_tuning(index, spec, options))
+    how = "HNSW cannot remove vectors: rebuilt from the parent's stored vectors without them"
+    vectors, _ = stored_vectors(index)
+    kept = np.setdiff1d(np.arange(len(vectors), dtype=np.int64), rows)
+    logger.warning("%s (%d of %d rows kept)", how, len(kept), len(vectors))
+    rebuilt, tuning, build_timings = build_and_tune(vectors[kept], spec, options)
+    timings.update({k: v for k, v in build_timings.items() if k != "tune_s"})
+    return rebuilt, how, tuning, {"rebuilt": True, "retuned": True}
 
 
 def version_checkpoint(manifest: dict[str, Any], checkpoint: Checkpoint | None) -> dict[str, Any]:
