@@ -1,8 +1,11 @@
 """Load-test the caption service over real HTTP: latency percentiles and throughput, batching on vs off.
 
-Starts `transresnet serve` as a subprocess on a loopback port (once with micro-batching, once without),
-sends real JPEGs at several concurrency levels for a fixed number of requests each, and prints a side-by-side
-table; the full numbers go to a JSON file.
+First measures the request path's floor in this process: for each photo, the service's own stage functions
+in a tight loop (header probe + decode, preprocess, image encode + query, search; one photo at a time, the
+service's thread settings), median per stage. Then starts `transresnet serve` as a subprocess on a loopback
+port (once with micro-batching, once without), sends the same JPEGs at several concurrency levels for a fixed
+number of requests each, and prints a side-by-side table with the p50 at concurrency 1 as a ratio of the
+floor; the full numbers go to a JSON file.
 
     python benchmarks/service_bench.py --checkpoint runs/flickr8k/best --index runs/flickr8k-index \
         --images ../shared/data/flickr8k-1k/images --requests 300 --out runs/bench/service_bench.json
@@ -111,6 +114,55 @@ def bench_mode(args: argparse.Namespace, bodies: list[tuple[bytes, str]], batchi
         server.stop()
 
 
+def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3) -> dict[str, float]:
+    """Median milliseconds per stage of one request done directly with the service's stage functions."""
+    import torch
+    from transresnet.service.bundle import load_bundle
+    from transresnet.service.imaging import decode_image, probe_image
+    from transresnet.service.ranking import EncodeJob, SearchJob, encode_jobs, search_jobs
+    from transresnet.service.resources import configure_threads
+    from transresnet.service.settings import ServiceSettings
+
+    settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None)
+    configure_threads(settings)
+    bundle = load_bundle(args.checkpoint, args.index, device="cpu")
+    slots = tuple(bundle.checkpoint.traits.lookup(t) for t in args.personality)
+    limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels, "min_side": bundle.min_side}
+    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "encode": [], "search": []}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # the first round warms caches and lazy initialisation
+            for path in paths:
+                data = path.read_bytes()
+                t0 = time.perf_counter()
+                probe_image(data, **limits)
+                image = decode_image(data, **limits)
+                t1 = time.perf_counter()
+                pixels = bundle.preprocessor(image)
+                t2 = time.perf_counter()
+                (queries,) = encode_jobs([EncodeJob(bundle, pixels, slots)])
+                t3 = time.perf_counter()
+                search_jobs([SearchJob(bundle, queries, args.k)])
+                t4 = time.perf_counter()
+                if round_:
+                    for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                        stages[name].append(seconds * 1000)
+    floor = {name: round(float(np.median(values)), 2) for name, values in stages.items()}
+    floor["total"] = round(sum(floor.values()), 2)
+    logger.info("floor per request (ms): %s", floor)
+    return floor
+
+
+def floor_table(floor: dict[str, float], batched: list[dict[str, Any]], unbatched: list[dict[str, Any]]) -> str:
+    lines = ["request path floor (ms, median per stage, one process): "
+             + ", ".join(f"{name} {ms:.1f}" for name, ms in floor.items())]
+    for label, results in (("batching on", batched), ("batching off", unbatched)):
+        single = next((r for r in results if r["concurrency"] == 1), None)
+        if single:
+            lines.append(f"{label}: p50 at concurrency 1 = {single['p50_ms']:.1f} ms = "
+                         f"{single['p50_ms'] / floor['total']:.2f}x the floor")
+    return "\n".join(lines)
+
+
 def table(batched: list[dict[str, Any]], unbatched: list[dict[str, Any]]) -> str:
     head = (f"{'conc':>4} | {'batching on: p50':>16} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>4} {'batch':>5} | "
             f"{'batching off: p50':>17} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>4} | {'speedup':>7}")
@@ -132,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=200, help="distinct JPEGs cycled through")
     parser.add_argument("--requests", type=int, default=300, help="requests per concurrency level")
     parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--floor-images", type=int, default=50, help="photos timed for the floor (3 rounds each)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--personality", action="append", help="repeatable (default: none)")
     parser.add_argument("--k", type=int, default=5)
@@ -151,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bodies = load_bodies(args)
+    floor = measure_floor(args, sorted(Path(args.images).glob("*.jpg"))[: min(args.num_images, args.floor_images)])
     batched = bench_mode(args, bodies, batching=True)
     unbatched = bench_mode(args, bodies, batching=False)
     report = {
@@ -158,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         "personality": args.personality, "k": args.k, "max_batch": args.max_batch,
         "max_search_batch": args.max_search_batch, "max_wait_ms": args.max_wait_ms,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "batching_on": batched, "batching_off": unbatched,
+        "floor_ms": floor, "batching_on": batched, "batching_off": unbatched,
     }
     args.out.write_text(json.dumps(report, indent=1))
     print(table(batched, unbatched))
+    print(floor_table(floor, batched, unbatched))
     print(f"\nwritten {args.out}")
     return 0 if all(r["errors"] == 0 for r in batched + unbatched) else 1
 
