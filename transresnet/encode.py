@@ -2,15 +2,21 @@
 
 ``encode_captions`` runs the checkpoint's own ``model.encode_text`` over batches of similar token length
 (little padding, and equal-length batches need no attention mask), under ``torch.inference_mode``.
-By default ("auto") reduced precision (float16 on a GPU, bfloat16 on CPUs with native bf16 support) is
-used only after a calibration sample shows it stays within ``MIN_COSINE`` of float32; otherwise float32.
+Precisions: float32; bfloat16 / float16 (torch autocast); int8 (the text transformer exported to ONNX and
+dynamically quantised, :mod:`transresnet.onnx_text`, under the same tokenisation, pooling, projection and
+normalisation). "auto" tries the reduced ones this machine has, fastest first (int8 on a CPU with the
+``onnx`` extra, then float16 on a GPU or bfloat16 on CPUs with native support), and takes the first whose
+calibration sample stays within its cosine bound of float32 (``MIN_COSINE``, ``MIN_COSINE_INT8``);
+otherwise float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = choices(Precision)
 MIN_COSINE = 0.999
-"""Reduced precision is accepted when every calibration vector has this cosine similarity to float32."""
+"""bfloat16 / float16 are accepted when every calibration vector has this cosine similarity to float32."""
+MIN_COSINE_INT8 = 0.99
+"""int8 is accepted when every calibration vector has this cosine similarity to float32 (looser than the
+half precisions: int8 weights move vectors more, yet recall stays within 0.5 points; docs/results.md)."""
 DEFAULT_BATCH_SIZE = 128
 
 
@@ -66,20 +75,58 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def _candidate_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+def _check_name(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "float32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
-    return torch.float16 if precision == "float16" else torch.bfloat16
 
 
-def _run(model: TransResNet, texts: Sequence[str], dtype: torch.dtype | None) -> torch.Tensor:
-    with _autocast(model.device, dtype):
+def _candidates(model: TransResNet, precision: str) -> list[str]:
+    """The reduced precisions to check for ``precision``, fastest first ("float32": none)."""
+    _check_name(precision)
+    if precision != "auto":
+        return [] if precision == "float32" else [precision]
+    from transresnet.onnx_text import unavailable_reason
+
+    found = []
+    device = model.device.type
+    # int8 runs in ONNX Runtime on the CPU: on a GPU, float16 is the faster choice.
+    reason = unavailable_reason(model) if device == "cpu" else "the model is on a GPU"
+    if reason is None:
+        found.append("int8")
+    else:
+        logger.debug("auto precision skips int8: %s", reason)
+    if device == "cuda":
+        found.append("float16")
+    elif device == "cpu" and _cpu_has_bf16():
+        found.append("bfloat16")
+    return found
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one precision runs: autocast to ``dtype``, or ``transformer`` in place of the torch one (int8)."""
+
+    name: str
+    dtype: torch.dtype | None = None
+    transformer: Callable[..., torch.Tensor] | None = None
+
+
+def _plan(model: TransResNet, precision: str, cache_dir: str | Path | None) -> _Plan:
+    _check_name(precision)
+    if precision == "int8":
+        from transresnet.onnx_text import load_int8_transformer
+
+        return _Plan("int8", transformer=load_int8_transformer(model, cache_dir=cache_dir))
+    if precision in ("float32", "auto"):
+        return _Plan("float32")
+    return _Plan(precision, dtype=getattr(torch, precision))
+
+
+def _run(model: TransResNet, texts: Sequence[str], plan: _Plan) -> torch.Tensor:
+    if plan.transformer is not None:
+        # The checkpoint's tokenisation, pooling, head and normalisation; only the transformer is swapped.
+        return model.encode_pooled_text(model.text.pool(texts, transformer=plan.transformer))
+    with _autocast(model.device, plan.dtype):
         return model.encode_text(texts).float()
 
 
@@ -87,50 +134,65 @@ def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min())
 
 
-def choose_precision(model: TransResNet, texts: Sequence[str], precision: str = "auto",
-                     *, sample: int = 64) -> str:
-    """The precision ``encode_captions`` will use: reduced only if a spread-out sample of ``texts``
-    (short to long) encodes within ``MIN_COSINE`` of float32."""
-    dtype = _candidate_dtype(model.device, precision)
-    if dtype is None or not texts:
-        return "float32"
+def tolerance(precision: str) -> float:
+    """The least cosine to float32 a calibration vector may have for ``precision`` to be used."""
+    return MIN_COSINE_INT8 if precision == "int8" else MIN_COSINE
+
+
+def calibration_sample(texts: Sequence[str], sample: int = 64) -> list[str]:
+    """A spread-out sample of ``texts``, short to long."""
     by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    picks = [texts[by_length[int(j)]] for j in np.linspace(0, len(texts) - 1, min(sample, len(texts)))]
-    with eval_mode(model), torch.inference_mode():
-        cosine = min_cosine(_run(model, picks, dtype), _run(model, picks, None))
-    name = str(dtype).removeprefix("torch.")
-    if cosine < MIN_COSINE:
-        logger.warning("%s encoding drifts from float32 (min cosine %.5f < %.3f); encoding in float32",
-                       name, cosine, MIN_COSINE)
+    return [texts[by_length[int(j)]] for j in np.linspace(0, len(texts) - 1, min(sample, len(texts)))]
+
+
+def choose_precision(model: TransResNet, texts: Sequence[str], precision: str = "auto",
+                     *, sample: int = 64, cache_dir: str | Path | None = None) -> str:
+    """The precision ``encode_captions`` will use: the first reduced candidate (see :func:`_candidates`)
+    whose encoding of a spread-out sample of ``texts`` stays within its :func:`tolerance` of float32,
+    else float32. An explicit "int8" without the onnx extra raises ImportError saying what to install."""
+    candidates = _candidates(model, precision)
+    if not candidates or not texts:
         return "float32"
-    logger.info("encoding captions in %s (min cosine to float32 %.5f on %d captions)", name, cosine, len(picks))
-    return name
+    picks = calibration_sample(texts, sample)
+    with eval_mode(model), torch.inference_mode():
+        reference = _run(model, picks, _Plan("float32"))
+        for name in candidates:
+            cosine = min_cosine(_run(model, picks, _plan(model, name, cache_dir)), reference)
+            if cosine >= tolerance(name):
+                logger.info("encoding captions in %s (min cosine to float32 %.5f on %d captions)", name, cosine,
+                            len(picks))
+                return name
+            logger.warning("%s encoding drifts from float32 (min cosine %.5f < %.3f)", name, cosine,
+                           tolerance(name))
+    logger.warning("encoding captions in float32")
+    return "float32"
 
 
 def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                    precision: str = "auto", progress: bool | None = None) -> np.ndarray:
+                    precision: str = "auto", progress: bool | None = None,
+                    cache_dir: str | Path | None = None) -> np.ndarray:
     """Captions -> caption vectors, float32 (N, D), row i for ``texts[i]``.
 
-    ``precision``: "auto" (reduced precision where the hardware has it, if a calibration sample stays
-    within ``MIN_COSINE`` of float32; see :func:`choose_precision`), or "float32", "bfloat16", "float16"
+    ``precision``: "auto" (the fastest reduced precision this machine has whose calibration sample stays
+    within its bound of float32; see :func:`choose_precision`), or "float32", "bfloat16", "float16", "int8"
     used as given. ``progress``: None = a bar on a terminal, log lines otherwise; False = silent.
+    ``cache_dir``: where int8 exports are cached (default: see :mod:`transresnet.onnx_text`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = list(texts)
     out = np.empty((len(texts), model.embed_dim), dtype=np.float32)
     if not texts:
+        _check_name(precision)
         return out
     # "auto" is checked against float32 here; an explicit precision is the caller's (already checked) choice.
-    chosen = choose_precision(model, texts, precision) if precision == "auto" else precision
-    if _candidate_dtype(model.device, chosen) is None:
-        chosen = "float32"
-    dtype = None if chosen == "float32" else getattr(torch, chosen)
+    chosen = choose_precision(model, texts, precision, cache_dir=cache_dir) if precision == "auto" else precision
+    plan = _plan(model, chosen, cache_dir)
     lengths = _lengths(model, texts)
     bar = progress_reporter(len(texts), f"encoding {len(texts)} captions", "captions", enabled=progress)
     with eval_mode(model), torch.inference_mode(), bar:
         for batch in length_batches(lengths, batch_size):
-            vectors = _run(model, [texts[i] for i in batch], dtype)
+            vectors = _run(model, [texts[i] for i in batch], plan)
             out[batch] = vectors.cpu().numpy()
             bar.update(len(batch))
     return out

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -181,9 +181,14 @@ class TransformerTextEncoder(TextEncoder):
                                return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def pool(self, texts: Sequence[str]) -> torch.Tensor:
+    def pool(self, texts: Sequence[str], *, transformer: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean-pooled hidden states; ``transformer`` replaces ``self.transformer`` (token tensors -> last
+        hidden states), e.g. the int8 export in transresnet.onnx_text, under the same tokens and pooling."""
         batch = self.tokenize(texts)
-        hidden = self.transformer(**batch).last_hidden_state
+        if transformer is None:
+            hidden = self.transformer(**batch).last_hidden_state
+        else:
+            hidden = transformer(**batch)
         return mean_pool(hidden, batch["attention_mask"]).float()
 
     def set_trainable(self, trainable: bool) -> None:
