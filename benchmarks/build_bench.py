@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-size", type=int, default=1_000_000, help="synthetic pool size (0 = skip the pool)")
     p.add_argument("--index-pool-size", type=int, default=0,
                    help="also time the index stage alone at this many vectors (0 = skip)")
+    p.add_argument("--read-pool-size", type=int, default=0,
+                   help="also time the read stage alone (parse + dedupe) of a pool this large, local and Ray, "
+                        "as one file and as 4 shards (0 = skip)")
     p.add_argument("--engines", default="local,ray:1,ray:2", help="comma list of local and ray:WORKERS")
     p.add_argument("--sets", default="real,pool", help="comma list of the caption sets to build: real, pool")
     p.add_argument("--precision", default="float32", help="encoder precision of every build")
@@ -184,6 +187,30 @@ def index_stage(vectors: np.ndarray, size: int, ray: Any, scratch: Path) -> list
     return rows
 
 
+def read_stage(real: list[str], size: int, ray: Any, scratch: Path) -> list[dict]:
+    """Parse and dedupe ``size`` pool captions, local and on Ray, as one file and as 4 shard files."""
+    from transresnet.index.captions import read_captions
+    from transresnet.index.distributed import read_table_ray
+
+    pool = synthetic_pool(real, size)
+    one = write_csv(scratch / "read-pool.csv", pool)
+    shards = scratch / "read-shards"
+    shards.mkdir()
+    quarter = -(-size // 4)
+    for i in range(4):
+        write_csv(shards / f"part-{i}.csv", pool[i * quarter:(i + 1) * quarter])
+    rows = []
+    for label, source in (("1 file", one), ("4 shards", shards)):
+        for engine, read in (("local", read_captions), ("ray", lambda s: read_table_ray(ray, s))):
+            started = time.perf_counter()
+            kept = len(read(source))
+            seconds = time.perf_counter() - started
+            rows.append({"source": label, "engine": engine, "rows": size, "kept": kept, "read_s": round(seconds, 2),
+                         "rows_per_s": round(size / seconds)})
+            logger.info("%s", rows[-1])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -215,14 +242,17 @@ def main(argv: list[str] | None = None) -> int:
 
         sample = encode_captions(checkpoint.model, real[:2000], precision=args.precision, progress=False)
         results["index_stage"] = index_stage(sample, args.index_pool_size, ray, scratch)
+    if args.read_pool_size:
+        results["read_stage"] = read_stage(real, args.read_pool_size, ray, scratch)
     ray.shutdown()
     shutil.rmtree(scratch, ignore_errors=True)
     header = ["set", "engine", "captions", "index", "captions_per_s", "per_worker_busy_per_s", "end_to_end_per_s",
               *STAGES]
     print(table([[b[h] for h in header] for b in results["builds"]], header))
-    if results.get("index_stage"):
-        stage_header = list(results["index_stage"][0])
-        print(table([[r[h] for h in stage_header] for r in results["index_stage"]], stage_header))
+    for part in ("index_stage", "read_stage"):
+        if results.get(part):
+            part_header = list(results[part][0])
+            print(table([[r[h] for h in part_header] for r in results[part]], part_header))
     print(f"wrote {write_json(args.out, 'build_bench', results)}")
     return 0
 

@@ -13,10 +13,11 @@ Stages (each timed into the manifest's ``build.seconds``):
   ``(n, D)`` float32 file at their rows; every row must arrive exactly once. A killed actor is restarted and
   its batch retried up to ``max_retries`` times; past that the build fails and nothing is published.
 * **train / add / tune / write**: :func:`build.write_version`, so the index type, its tuning, the manifest,
-  checksums and the atomic ``CURRENT`` switch are the local engine's. IVF-Flat and IVF-PQ are trained on
-  the driver on the same sample as the local engine, then the vectors are added in parallel Ray tasks (one
-  contiguous row range each, on copies of the trained empty index) and merged in row order, which gives the
-  same inverted lists as a sequential add. Flat, HNSW and refined IVF-PQ are added on the driver.
+  checksums and the atomic ``CURRENT`` switch are the local engine's. On a cluster of several nodes, IVF-Flat
+  and IVF-PQ are trained on the driver on the same sample as the local engine, then the vectors are added in
+  parallel Ray tasks (one contiguous row range each, on copies of the trained empty index) and merged in row
+  order, which gives the same inverted lists as a sequential add. Flat, HNSW and refined IVF-PQ, and every
+  type on a single node (where FAISS's threads already add in parallel), are added on the driver.
 
 Ray is an optional extra (``pip install 'transresnet[distributed]'``); it is imported only here, inside the
 functions that need it.
@@ -292,12 +293,17 @@ def parallel_builder(ray: Any, workers: int):
 # ---------------------------------------------------------------------------------------- build
 
 
-def _engine_record(ray: Any, options: BuildOptions, files: int) -> dict[str, Any]:
+def cluster_nodes(ray: Any) -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def _engine_record(ray: Any, options: BuildOptions, files: int, parallel_add: bool) -> dict[str, Any]:
     resources = ray.cluster_resources()
     return {"name": "ray", "ray_version": ray.__version__, "address": options.ray_address or "local",
             "workers": options.workers, "cpus_per_worker": options.cpus_per_worker,
-            "gpus_per_worker": options.gpus_per_worker, "cluster_cpus": resources.get("CPU", 0),
-            "cluster_gpus": resources.get("GPU", 0), "read_tasks": files}
+            "gpus_per_worker": options.gpus_per_worker, "nodes": cluster_nodes(ray),
+            "cluster_cpus": resources.get("CPU", 0), "cluster_gpus": resources.get("GPU", 0), "read_tasks": files,
+            "parallel_add": parallel_add}
 
 
 @contextlib.contextmanager
@@ -343,7 +349,10 @@ def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out
                         "captions_per_second": round(rate, 1), "workers": options.workers,
                         "worker_busy_s": round(encoded.busy_s, 3),
                         "captions_per_worker_second": round(n / max(encoded.busy_s, 1e-9), 1)}
+            # On one node FAISS's own threads already add in parallel, and shipping the vectors to tasks only
+            # costs (measured 2.6x slower on 2 cores, docs/scaling.md); across nodes the tasks add the CPUs up.
+            parallel = cluster_nodes(ray) > 1
             return write_version(root, vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
                                  options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": encode_s},
-                                 engine=_engine_record(ray, options, files),
-                                 builder=parallel_builder(ray, options.workers))
+                                 engine=_engine_record(ray, options, files, parallel),
+                                 builder=parallel_builder(ray, options.workers) if parallel else None)

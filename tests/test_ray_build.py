@@ -116,6 +116,7 @@ def test_ray_build_gives_the_local_table_vectors_and_results(local_build, ray_bu
     build = ray_build.manifest["build"]
     assert build["engine"]["name"] == "ray" and build["engine"]["workers"] == 2
     assert build["engine"]["read_tasks"] == 3
+    assert build["engine"]["nodes"] == 1 and not build["engine"]["parallel_add"]  # FAISS threads add on one node
     assert local_build.manifest["build"]["engine"] == {"name": "local"}
     assert {"read_s", "encode_s", "add_s", "write_s", "total_s"} <= set(build["seconds"])
 
