@@ -255,7 +255,7 @@ def build_index(checkpoint: Checkpoint, captions: Source | CaptionTable, out_roo
     if options.engine == "ray":
         from .distributed import build_index_ray
 
-        return build_index_ray(checkpoint, captions, out_root, options)
+        return build_index_ray(checkpoint, captions, out_root, options, progress=progress)
     from transresnet.encode import choose_precision, encode_captions
 
     reading = time.perf_counter()

@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
+
+from transresnet.progress import progress as progress_reporter
 
 from . import faiss_index as fx
 from .build import Published, checkpoint_info, write_version
@@ -64,6 +67,10 @@ CALIBRATION_CAPTIONS = 256
 few enough to travel inline with the actor's constructor (a restarted actor needs them again)."""
 ADD_PART_ROWS = 1_000_000
 """At most this many vectors per parallel add task."""
+
+
+class RayBuildError(RuntimeError):
+    """The Ray part of a build failed (a batch kept failing, rows went missing); nothing was published."""
 
 
 def require_ray() -> Any:
@@ -90,6 +97,19 @@ def ray_session(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data's per-dataset plans and progress lines only with -v; the build reports its own progress."""
+    ray_logger = logging.getLogger("ray.data")
+    before = ray_logger.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        ray_logger.setLevel(max(before, logging.WARNING))
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(before)
 
 
 @contextlib.contextmanager
@@ -188,10 +208,23 @@ class Encoded:
     busy_s: float
 
 
+def _store_batch(batch: dict[str, np.ndarray], vectors: np.ndarray, seen: np.ndarray, precisions: set[str]) -> float:
+    """Write one encoded block at its rows (each row exactly once); returns the actor's busy seconds."""
+    rows = batch["row"]
+    if seen[rows].any():
+        raise RayBuildError(f"Ray returned {int(seen[rows].sum())} caption rows twice; no index version was "
+                            "published")
+    vectors[rows] = batch["vector"]
+    seen[rows] = True
+    precisions.update(batch["precision"].tolist())
+    return float(batch["busy_s"].sum())
+
+
 def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: BuildOptions, vectors: np.ndarray,
-               *, encoder: type[CaptionEncoder] = CaptionEncoder, max_retries: int = 2) -> Encoded:
+               *, encoder: type[CaptionEncoder] = CaptionEncoder, max_retries: int = 2,
+               progress: bool | None = None) -> Encoded:
     """Fill ``vectors`` (row i = ``table`` row i) on a pool of ``options.workers`` encoder actors.
-    Raises RuntimeError when an actor's batch keeps failing or rows are missing."""
+    Raises RayBuildError when an actor's batch keeps failing or rows are missing."""
     n = len(table)
     step = max(1, n // CALIBRATION_CAPTIONS)
     kwargs = {"checkpoint_path": str(Path(checkpoint.path).resolve()),
@@ -199,35 +232,36 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
               "calibration": table.captions[::step][:CALIBRATION_CAPTIONS], "batch_size": options.batch_size,
               "threads": options.cpus_per_worker}
     dataset = ray.data.from_arrow(_blocks(table, options))
-    encoded = dataset.map_batches(
-        encoder, fn_constructor_kwargs=kwargs, batch_size=None, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=options.cpus_per_worker,
-        num_gpus=options.gpus_per_worker or None,
-        # A killed actor is restarted and its batch retried this often; then the build fails (not hangs).
-        max_restarts=max_retries, max_task_retries=max_retries)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates these two actor arguments without a replacement yet (pyproject pins < 2.64).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        encoded = dataset.map_batches(
+            encoder, fn_constructor_kwargs=kwargs, batch_size=None, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=options.workers), num_cpus=options.cpus_per_worker,
+            num_gpus=options.gpus_per_worker or None,
+            # A killed actor is restarted and its batch retried this often; then the build fails (not hangs).
+            max_restarts=max_retries, max_task_retries=max_retries)
     seen = np.zeros(n, dtype=bool)
     precisions: set[str] = set()
     busy = 0.0
+    bar = progress_reporter(n, f"encoding {n} captions on {options.workers} Ray workers", "captions",
+                            enabled=progress)
     try:
-        for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
-            rows = batch["row"]
-            if seen[rows].any():
-                raise RuntimeError(f"Ray returned {int(seen[rows].sum())} caption rows twice")
-            vectors[rows] = batch["vector"]
-            seen[rows] = True
-            precisions.update(batch["precision"].tolist())
-            busy += float(batch["busy_s"].sum())
-    except RuntimeError:
+        with bar:
+            for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
+                busy += _store_batch(batch, vectors, seen, precisions)
+                bar.update(len(batch["row"]))
+    except RayBuildError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps a dead actor or a failing batch in its own types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"the Ray encoding failed ({type(err).__name__}: {first}); no index version was "
+        raise RayBuildError(f"the Ray encoding failed ({type(err).__name__}: {first}); no index version was "
                            "published") from err
     if not seen.all():
-        raise RuntimeError(f"{int((~seen).sum())} of {n} caption rows came back from Ray without vectors; no "
+        raise RayBuildError(f"{int((~seen).sum())} of {n} caption rows came back from Ray without vectors; no "
                            "index version was published")
     if len(precisions) != 1:
-        raise RuntimeError(f"the encoder actors chose different precisions {sorted(precisions)} (mixed "
+        raise RayBuildError(f"the encoder actors chose different precisions {sorted(precisions)} (mixed "
                            "hardware?); pass --precision float32")
     return Encoded(precisions.pop(), busy)
 
@@ -319,14 +353,15 @@ def vector_file(root: Path, n: int, dim: int) -> Iterator[np.ndarray]:
 
 def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out_root: str | Path,
                     options: BuildOptions, *, encoder: type[CaptionEncoder] = CaptionEncoder,
-                    max_retries: int = 2) -> Published:
+                    max_retries: int = 2, progress: bool | None = None) -> Published:
     """:func:`build.build_index` on Ray: read, encode on ``options.workers`` actors, add, publish.
 
     ``encoder``: the actor class (a subclass may wrap ``__call__``, e.g. to test a worker dying);
-    ``max_retries``: restarts of a dead actor and retries of its batch before the build fails.
+    ``max_retries``: restarts of a dead actor and retries of its batch before the build fails;
+    ``progress``: as for the local engine (None = a bar on a terminal, log lines otherwise).
     """
     root = Path(out_root)
-    with ray_session(options.ray_address) as ray:
+    with ray_session(options.ray_address) as ray, quiet_ray_data():
         started = time.perf_counter()
         if isinstance(captions, CaptionTable):
             table, files = captions, 0
@@ -337,7 +372,7 @@ def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out
         with vector_file(root, n, dim) as vectors:
             started = time.perf_counter()
             encoded = encode_ray(ray, table, checkpoint, options, vectors, encoder=encoder,
-                                 max_retries=max_retries)
+                                 max_retries=max_retries, progress=progress)
             vectors.flush()
             encode_s = time.perf_counter() - started
             rate = n / max(encode_s, 1e-9)
