@@ -256,11 +256,20 @@ def build_index(checkpoint: Checkpoint, captions: Source | CaptionTable, out_roo
         from .distributed import build_index_ray
 
         return build_index_ray(checkpoint, captions, out_root, options, progress=progress)
-    from transresnet.encode import choose_precision, encode_captions
-
     reading = time.perf_counter()
     table = captions if isinstance(captions, CaptionTable) else read_captions(captions)
     read_s = time.perf_counter() - reading
+    vectors, encoding = encode_table(checkpoint, table, options, progress=progress)
+    return write_version(Path(out_root), vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
+                         options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": encoding["seconds"]})
+
+
+def encode_table(checkpoint: Checkpoint, table: CaptionTable, options: BuildOptions, *,
+                 progress: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The table's caption vectors in this process (the core's one encoding path) and the manifest's record of
+    how they were made: precision (``auto`` resolved on this model), device, batch size, time, rate."""
+    from transresnet.encode import choose_precision, encode_captions
+
     model = checkpoint.model
     precision = choose_precision(model, table.captions, options.precision)
     started = time.perf_counter()
@@ -269,7 +278,6 @@ def build_index(checkpoint: Checkpoint, captions: Source | CaptionTable, out_roo
     seconds = time.perf_counter() - started
     logger.info("encoded %d captions in %.1fs (%.0f captions/s, %s, %s)", len(table), seconds,
                 len(table) / max(seconds, 1e-9), precision, model.device)
-    encoding = {"precision": precision, "device": str(model.device), "batch_size": options.batch_size,
-                "seconds": round(seconds, 3), "captions_per_second": round(len(table) / max(seconds, 1e-9), 1)}
-    return write_version(Path(out_root), vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
-                         options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": seconds})
+    return vectors, {"precision": precision, "device": str(model.device), "batch_size": options.batch_size,
+                     "seconds": round(seconds, 3), "encoded": len(table),
+                     "captions_per_second": round(len(table) / max(seconds, 1e-9), 1)}

@@ -38,6 +38,7 @@ from .build import (
     _manifest,
     build_and_tune,
     checkpoint_info,
+    encode_table,
     held_out_rows,
     load_queries,
     publish_version,
@@ -215,23 +216,6 @@ def new_rows(parent: CaptionTable, new: CaptionTable) -> tuple[CaptionTable, int
                          "must stay unique: give these captions new ids in the file's 'id' column, or remove the "
                          "old captions first with `transresnet index remove`")
     return kept, skipped
-
-
-def encode_new(checkpoint: Checkpoint, table: CaptionTable, options: BuildOptions, progress: bool | None
-               ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Only the new captions go through the checkpoint's encoder (the build's one encoding path)."""
-    from transresnet.encode import choose_precision, encode_captions
-
-    model = checkpoint.model
-    precision = choose_precision(model, table.captions, options.precision)
-    started = time.perf_counter()
-    vectors = encode_captions(model, table.captions, batch_size=options.batch_size, precision=precision,
-                              progress=progress)
-    seconds = time.perf_counter() - started
-    logger.info("encoded %d new captions in %.1fs (%s, %s)", len(table), seconds, precision, model.device)
-    return vectors, {"precision": precision, "device": str(model.device), "batch_size": options.batch_size,
-                     "seconds": round(seconds, 3), "encoded": len(table),
-                     "captions_per_second": round(len(table) / max(seconds, 1e-9), 1)}
 
 
 # ------------------------------------------------------------------------------------------ ids file
@@ -495,7 +479,7 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     if len(fresh) == 0:
         return Update("add", parent.version, None, f"nothing to add: all {len(read)} captions of {read.source} "
                                                    f"are already in version {parent.version}; nothing published")
-    vectors, encoding = encode_new(checkpoint, fresh, options, progress)
+    vectors, encoding = encode_table(checkpoint, fresh, options, progress=progress)
     refuse_nonfinite(vectors, fresh)
     timings = {"read_s": time.perf_counter() - started - encoding["seconds"], "encode_s": encoding["seconds"]}
     spec = parent_spec(parent.manifest)
