@@ -151,7 +151,31 @@ def read_table_ray(ray: Any, source: Source) -> CaptionTable:
         rows = dataset.map_batches(_parse_files, batch_size=1, batch_format="numpy")
         parsed = (json.loads(text) for batch in rows.iter_batches(batch_size=None, batch_format="numpy")
                   for text in batch["row"])
-        return checked(collect(parsed, source=label, fmt=fmt))
+        try:
+            table = collect(parsed, source=label, fmt=fmt)
+        except ray.exceptions.RayError as err:  # a read task's own error arrives wrapped
+            raise _plain(err, "reading the captions") from err
+    return checked(table)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The exception a Ray task raised, unwrapped from RayTaskError (``.cause``) layers."""
+    seen = 0
+    while getattr(err, "cause", None) is not None and seen < 10:
+        err, seen = err.cause, seen + 1
+    return err
+
+
+def _plain(err: BaseException, stage: str) -> Exception:
+    """A one-line error for a failed Ray stage: the task's own ValueError / OSError (a bad caption row, a
+    missing file) keeps its type and message; anything else (a dead actor) becomes a RayBuildError."""
+    cause = _root_cause(err)
+    text = str(cause).strip()
+    first = text.splitlines()[0] if text else type(cause).__name__  # Ray appends its retry advice below
+    if isinstance(cause, (ValueError, OSError)):
+        return type(cause)(f"{first} (in a Ray task; no index version was published)")
+    return RayBuildError(f"{stage} on Ray failed ({type(cause).__name__}: {first}); no index version was "
+                         "published")
 
 
 # ---------------------------------------------------------------------------------------- encode
@@ -251,12 +275,8 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
             for batch in encoded.iter_batches(batch_size=None, batch_format="numpy"):
                 busy += _store_batch(batch, vectors, seen, precisions)
                 bar.update(len(batch["row"]))
-    except RayBuildError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Ray wraps a dead actor or a failing batch in its own types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RayBuildError(f"the Ray encoding failed ({type(err).__name__}: {first}); no index version was "
-                           "published") from err
+    except ray.exceptions.RayError as err:  # a dead actor, or a batch's own error, wrapped by Ray
+        raise _plain(err, "the encoding") from err
     if not seen.all():
         raise RayBuildError(f"{int((~seen).sum())} of {n} caption rows came back from Ray without vectors; no "
                            "index version was published")

@@ -121,7 +121,8 @@ def ray_cluster() -> Iterator:
     pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install -e '.[distributed]'")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # tests never touch the network
     temp = tempfile.mkdtemp(prefix="ray-tests-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, _temp_dir=temp)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, _temp_dir=temp,
+             object_store_memory=256 << 20)  # the tests' blocks are small; leave /dev/shm to the rest of the run
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset execution plans in test output
     try:

@@ -210,6 +210,18 @@ def test_cli_builds_with_engine_ray(ray_cluster, tiny_checkpoint: Checkpoint, sh
     assert manifest["build"]["options"]["engine"] == "ray"
 
 
+def test_a_bad_row_deep_in_a_shard_fails_with_the_readers_own_message(ray_cluster, shard_folder: Path,
+                                                                     tmp_path: Path) -> None:
+    from transresnet.index.distributed import read_table_ray
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_folder, shards)
+    with open(shards / "part-1.jsonl", "a", encoding="utf-8") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(ValueError, match=r"part-1.jsonl line \d+ is not valid JSON.*in a Ray task"):
+        read_table_ray(ray_cluster, shards)
+
+
 def test_engine_ray_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from transresnet.index.distributed import require_ray
 
