@@ -371,6 +371,25 @@ def vector_file(root: Path, n: int, dim: int) -> Iterator[np.ndarray]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def check_resources(ray: Any, options: BuildOptions) -> None:
+    """Refuse a worker shape this Ray instance can never host (Ray would wait for it forever); on a cluster
+    given by --ray-address an autoscaler may still add such nodes, so there it is a warning."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if options.cpus_per_worker <= cpus and options.gpus_per_worker <= gpus:
+        fit = min(cpus // options.cpus_per_worker,
+                  gpus // options.gpus_per_worker if options.gpus_per_worker else options.workers)
+        if fit < options.workers:
+            logger.warning("the Ray cluster has room for %d of the %d encoder workers now (%g CPUs, %g GPUs); the "
+                           "others start when resources free up", fit, options.workers, cpus, gpus)
+        return
+    problem = (f"an encoder worker needs {options.cpus_per_worker} CPUs and {options.gpus_per_worker:g} GPUs, "
+               f"but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs")
+    if options.ray_address is None:
+        raise ValueError(f"{problem}; lower --cpus-per-worker / --gpus-per-worker or pass --ray-address")
+    logger.warning("%s; the build waits until the autoscaler adds such a node", problem)
+
+
 def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out_root: str | Path,
                     options: BuildOptions, *, encoder: type[CaptionEncoder] = CaptionEncoder,
                     max_retries: int = 2, progress: bool | None = None) -> Published:
@@ -382,6 +401,7 @@ def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out
     """
     root = Path(out_root)
     with ray_session(options.ray_address) as ray, quiet_ray_data():
+        check_resources(ray, options)
         started = time.perf_counter()
         if isinstance(captions, CaptionTable):
             table, files = captions, 0

@@ -222,6 +222,15 @@ def test_a_bad_row_deep_in_a_shard_fails_with_the_readers_own_message(ray_cluste
         read_table_ray(ray_cluster, shards)
 
 
+def test_a_worker_shape_the_cluster_cannot_host_is_refused_not_waited_for(ray_cluster, tiny_checkpoint: Checkpoint,
+                                                                          shard_folder: Path, tmp_path: Path) -> None:
+    from transresnet.index.distributed import build_index_ray
+
+    with pytest.raises(ValueError, match="needs 1 CPUs and 1 GPUs, but the Ray cluster has 2 CPUs and 0 GPUs"):
+        build_index_ray(tiny_checkpoint, shard_folder, tmp_path / "index", _ray_options(gpus_per_worker=1))
+    assert not (tmp_path / "index").exists()
+
+
 def test_engine_ray_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from transresnet.index.distributed import require_ray
 
