@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 
+from transresnet.files import remove_stale
 from transresnet.progress import progress as progress_reporter
 
 from . import faiss_index as fx
@@ -67,6 +69,8 @@ CALIBRATION_CAPTIONS = 256
 few enough to travel inline with the actor's constructor (a restarted actor needs them again)."""
 ADD_PART_ROWS = 1_000_000
 """At most this many vectors per parallel add task."""
+VECTORS_PREFIX = ".vectors-"
+"""The encoded vectors' scratch folder in INDEX_ROOT, ``.vectors-<random>@<host>@<pid>``."""
 
 
 class RayBuildError(RuntimeError):
@@ -362,9 +366,12 @@ def _engine_record(ray: Any, options: BuildOptions, files: int, parallel_add: bo
 
 @contextlib.contextmanager
 def vector_file(root: Path, n: int, dim: int) -> Iterator[np.ndarray]:
-    """A memory-mapped (n, dim) float32 file beside the versions (same disk), removed afterwards."""
+    """A memory-mapped (n, dim) float32 file beside the versions (same disk), removed afterwards; one left
+    by a killed build (its ``@host@pid`` writer gone) is removed first, as stale staging directories are."""
     root.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".vectors-{os.getpid()}-", dir=root))
+    remove_stale(root, VECTORS_PREFIX)
+    folder = Path(tempfile.mkdtemp(prefix=VECTORS_PREFIX, suffix=f"@{socket.gethostname()}@{os.getpid()}",
+                                   dir=root))
     try:
         yield np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -182,12 +183,17 @@ def test_a_worker_that_keeps_dying_fails_the_build_and_publishes_nothing(ray_clu
     root = tmp_path / "index"
     shutil.copytree(local_build.path.parent.parent, root)  # an index with a current version
     before = (store.read_current(root), store.list_versions(root))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = root / f".vectors-left@{socket.gethostname()}@{gone.pid}"  # from a build killed earlier
+    stale.mkdir()
     marker = tmp_path / "died"
     with pytest.raises(RuntimeError, match="no index version was published"):
         build_index_ray(tiny_checkpoint, shard_folder, root, _ray_options(), encoder=dying_encoder(marker, once=False),
                         max_retries=1)
     assert len(marker.read_text().split()) == 2  # the first try and its one retry
     assert (store.read_current(root), store.list_versions(root)) == before
+    # Neither this build's vectors nor the stale ones remain.
     assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in local_build.path.parent.parent.iterdir())
     assert not list(store.versions_dir(root).glob(".*"))  # no staging directory left either
 
