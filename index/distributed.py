@@ -64,9 +64,6 @@ ENCODE_CALLS_PER_BATCH = 8
 """Encoder batches per actor call: encode_captions sorts each call by length, so larger calls pad less."""
 BLOCKS_PER_WORKER = 4
 """At least this many encode blocks per actor, so a slow actor does not hold the tail of the build."""
-CALIBRATION_CAPTIONS = 256
-"""Captions (evenly strided over the table) each actor checks reduced precision on; the same for all, and
-few enough to travel inline with the actor's constructor (a restarted actor needs them again)."""
 ADD_PART_ROWS = 1_000_000
 """At most this many vectors per parallel add task."""
 VECTORS_PREFIX = ".vectors-"
@@ -201,7 +198,7 @@ class CaptionEncoder:
         torch.set_num_threads(threads)  # the actor's CPU share, not every core of the node
         self.model = load_checkpoint(checkpoint_path, device=device).model
         self.batch_size = batch_size
-        # Every actor decides on the same calibration captions, so on like hardware all choose alike.
+        # Every actor decides on the same calibration captions (a local build's), so like hardware agrees.
         self.precision = (choose_precision(self.model, calibration, precision) if precision == "auto"
                           else precision)
 
@@ -253,11 +250,13 @@ def encode_ray(ray: Any, table: CaptionTable, checkpoint: Checkpoint, options: B
                progress: bool | None = None) -> Encoded:
     """Fill ``vectors`` (row i = ``table`` row i) on a pool of ``options.workers`` encoder actors.
     Raises RayBuildError when an actor's batch keeps failing or rows are missing."""
+    from transresnet.encode import calibration_sample
+
     n = len(table)
-    step = max(1, n // CALIBRATION_CAPTIONS)
+    # The local engine's calibration captions: every actor decides "auto" on exactly what a local build would.
     kwargs = {"checkpoint_path": str(Path(checkpoint.path).resolve()),
               "device": "cuda" if options.gpus_per_worker > 0 else "cpu", "precision": options.precision,
-              "calibration": table.captions[::step][:CALIBRATION_CAPTIONS], "batch_size": options.batch_size,
+              "calibration": calibration_sample(table.captions), "batch_size": options.batch_size,
               "threads": options.cpus_per_worker}
     dataset = ray.data.from_arrow(_blocks(table, options))
     with warnings.catch_warnings():

@@ -205,15 +205,20 @@ def test_cli_builds_with_engine_ray(ray_cluster, tiny_checkpoint: Checkpoint, sh
     root = tmp_path / "cli_index"
     code = main(["index", "build", "--checkpoint", str(tiny_checkpoint.path), "--captions",
                  str(shard_folder / "part-0.csv"), str(shard_folder / "part-1.jsonl"),
-                 str(shard_folder / "part-2.parquet"), "--out", str(root), "--engine", "ray", "--workers", "1",
-                 "--precision", "float32"])
+                 str(shard_folder / "part-2.parquet"), "--out", str(root), "--engine", "ray", "--workers", "1"])
     assert code == 0
     assert "published" in capsys.readouterr().out
     from transresnet.index import store
+    from transresnet.index.captions import read_captions
+
+    from transresnet.encode import choose_precision
 
     manifest = store.read_manifest(store.resolve_version_dir(root))
     assert manifest["build"]["engine"]["workers"] == 1 and manifest["count"] == local_build.manifest["count"]
     assert manifest["build"]["options"]["engine"] == "ray"
+    # --precision auto: the actors decide on the local engine's calibration captions, so they choose alike.
+    local_choice = choose_precision(tiny_checkpoint.model, read_captions(shard_folder).captions, "auto")
+    assert manifest["encoding"]["precision"] == local_choice
 
 
 def test_a_bad_row_deep_in_a_shard_fails_with_the_readers_own_message(ray_cluster, shard_folder: Path,
