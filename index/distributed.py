@@ -4,9 +4,9 @@ Stages (each timed into the manifest's ``build.seconds``):
 
 * **read**: a Ray Data dataset of the caption files, one read task per file (a folder of shards reads in
   parallel), each parsing with :func:`captions.read_rows`, the local engine's one parser. The rows come back
-  to the driver in source order and :func:`captions.collect` drops empties and duplicates there: the first
-  occurrence of a duplicate wins across all files, which needs one ordered pass, and the result is exactly
-  the local engine's table.
+  to the driver in source order (caption, id and the other columns as JSON) and :func:`captions.collect`
+  drops empties and duplicates there: the first occurrence of a duplicate wins across all files, which needs
+  one ordered pass, and the result is exactly the local engine's table.
 * **encode**: ``map_batches`` over a fixed pool of :class:`CaptionEncoder` actors, each loading the
   checkpoint once and calling :func:`transresnet.encode.encode_captions` (on a GPU when ``gpus_per_worker``
   gives it one). Vector shards come back with their row numbers and are written into one memory-mapped
@@ -49,7 +49,18 @@ from transresnet.progress import progress as progress_reporter
 
 from . import faiss_index as fx
 from .build import Published, checkpoint_info, write_version
-from .captions import CaptionTable, Source, as_text_row, checked, collect, describe_source, read_rows, source_files
+from .captions import (
+    CAPTION,
+    ID,
+    CaptionTable,
+    Source,
+    as_text_row,
+    checked,
+    collect,
+    describe_source,
+    read_rows,
+    source_files,
+)
 from .options import BuildOptions
 
 if TYPE_CHECKING:
@@ -128,17 +139,39 @@ def preserve_order(ray: Any) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ read
 
 
+def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows as fixed text columns: caption, id, and the other columns as one JSON object in their source
+    order (which :func:`captions.collect` keeps). A missing value travels as "": Ray turns an all-None
+    column into NaN, and collect treats an empty caption or id exactly as a missing one."""
+    captions, ids, extra = [], [], []
+    for row in rows:
+        text = as_text_row(row)
+        captions.append(text.pop(CAPTION, None) or "")
+        ids.append(text.pop(ID, None) or "")
+        extra.append(json.dumps(text, ensure_ascii=False) if text else "")
+    return {"caption": np.array(captions, dtype=object), "id": np.array(ids, dtype=object),
+            "extra": np.array(extra, dtype=object)}
+
+
 def _parse_files(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """A read task: the rows of each file, as JSON text (one fixed column whatever the file's columns)."""
+    """A read task: the rows of each file, in order, in batches of at most READ_BATCH_ROWS."""
     for path in batch["path"]:
-        rows: list[str] = []
+        rows: list[dict[str, Any]] = []
         for row in read_rows(Path(str(path))):
-            rows.append(json.dumps(as_text_row(row), ensure_ascii=False))
+            rows.append(row)
             if len(rows) == READ_BATCH_ROWS:
-                yield {"row": np.array(rows, dtype=object)}
+                yield _columns(rows)
                 rows = []
         if rows:
-            yield {"row": np.array(rows, dtype=object)}
+            yield _columns(rows)
+
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+    """A read task's columns back as the rows :func:`captions.collect` takes."""
+    for caption, row_id, extra in zip(batch["caption"], batch["id"], batch["extra"], strict=True):
+        row = json.loads(extra) if extra else {}
+        row[CAPTION], row[ID] = caption, row_id
+        yield row
 
 
 def read_table_ray(ray: Any, source: Source) -> CaptionTable:
@@ -150,8 +183,7 @@ def read_table_ray(ray: Any, source: Source) -> CaptionTable:
     with preserve_order(ray):
         dataset = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
         rows = dataset.map_batches(_parse_files, batch_size=1, batch_format="numpy")
-        parsed = (json.loads(text) for batch in rows.iter_batches(batch_size=None, batch_format="numpy")
-                  for text in batch["row"])
+        parsed = (row for batch in rows.iter_batches(batch_size=None, batch_format="numpy") for row in _rows(batch))
         try:
             table = collect(parsed, source=label, fmt=fmt)
         except ray.exceptions.RayError as err:  # a read task's own error arrives wrapped

@@ -242,6 +242,17 @@ def test_a_worker_shape_the_cluster_cannot_host_is_refused_not_waited_for(ray_cl
     assert not (tmp_path / "index").exists()
 
 
+def test_rows_travel_from_read_tasks_without_changing_the_table() -> None:
+    from transresnet.index.captions import collect
+    from transresnet.index.distributed import _columns, _rows
+
+    rows = [{"caption": "one", "id": 7}, {"caption": "two", "id": None, "personality": "Sweet", "x": {"a": [1]}},
+            {"caption": None, "id": "gone"}, {"caption": " "}, {"id": "", "caption": "three", "late": 2.5},
+            {"caption": "ONE"}, {"caption": "four", "personality": None}]
+    travelled = [row for batch in (_columns(rows[:3]), _columns(rows[3:])) for row in _rows(batch)]
+    assert collect(travelled) == collect(rows)
+
+
 def test_engine_ray_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from transresnet.index.distributed import require_ray
 
