@@ -93,16 +93,17 @@ def caption_pool(size: int) -> tuple[list[str], list[str], list[str]]:
 
 
 def build(folder: Path, size: int, index_type: str, checkpoint_info: dict[str, Any]) -> tuple[Path, float]:
-    """Publish one index version of ``size`` captions (reused when already built); returns (path, seconds)."""
+    """Publish one index version of ``size`` captions (reused when already built); returns (path, build seconds)."""
     from transresnet.index.build import write_version
     from transresnet.index.captions import CaptionTable
     from transresnet.index.options import BuildOptions
-    from transresnet.index.store import read_current, versions_dir
+    from transresnet.index.store import read_current, read_manifest, versions_dir
 
     root = folder / f"{size}-{index_type}"
     current = read_current(root)
-    if current:
-        return versions_dir(root) / current, 0.0
+    if current:  # built by an earlier run: its manifest says how long the build took
+        version = versions_dir(root) / current
+        return version, read_manifest(version)["build"]["seconds"]["total_s"]
     ids, captions, images = caption_pool(size)
     table = CaptionTable(captions=captions, ids=ids, metadata={"image": images}, source=str(CAPTIONS),
                          format="csv", rows_read=size)
