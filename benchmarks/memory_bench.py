@@ -161,12 +161,14 @@ def service_memory(checkpoint: Path, version: Path, mmap: bool, log: Path) -> di
         server.start()
         ready_s = time.perf_counter() - started
         ready = memory_of(server.process.pid)
-        photos = sorted(IMAGES.glob("*.jpg"))[:10]
-        for photo in photos:
+        statuses: dict[str, int] = {}
+        for photo in sorted(IMAGES.glob("*.jpg"))[:10]:
             body, content_type = multipart_body(photo.read_bytes(), ["none"], k=K)
-            httpx.post(f"{server.base_url}/v1/captions", content=body, headers={"content-type": content_type},
-                       timeout=60).raise_for_status()
-        return {"ready_s": round(ready_s, 1), "ready": ready, "after_requests": memory_of(server.process.pid)}
+            status = httpx.post(f"{server.base_url}/v1/captions", content=body,
+                                headers={"content-type": content_type}, timeout=60).status_code
+            statuses[str(status)] = statuses.get(str(status), 0) + 1  # a 503 (stage timeout) is a result too
+        return {"ready_s": round(ready_s, 1), "ready": ready, "after_requests": memory_of(server.process.pid),
+                "statuses": statuses}
     finally:
         server.stop()
 
@@ -221,6 +223,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         service = r.get("service")
         served = (f"{service['ready']['rss_mib']:.0f} / {service['after_requests']['rss_mib']:.0f}"
+                  + ("" if set(service["statuses"]) == {"200"} else f" (HTTP {service['statuses']})")
                   if service else "-")
         out.append([r["size"], r["type"], r["mode"], r["file_mib"], r["load_s"], r["loaded"]["anon_mib"],
                     r["loaded"]["file_mib"], f"{r['searched']['anon_mib']:.0f} / {r['searched']['file_mib']:.0f}",
