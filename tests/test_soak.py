@@ -19,7 +19,9 @@ def test_soak_quick_run_holds(tiny_checkpoint, service_index_root, tmp_path):
                "--server-env", "TRANSRESNET_MAX_IN_FLIGHT=8", "--server-env", "TRANSRESNET_DEVICE=cpu",
                "--server-env", "TRANSRESNET_HEADER_TIMEOUT_S=5"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # soak.py exits 1 on any failed request, the overload phase's included; this bounded form judges that
+    # phase with its own tolerance below, so it asks only that the run completed and wrote its report.
+    assert done.returncode in (0, 1) and out.is_file(), done.stdout[-4000:] + done.stderr[-4000:]
     rows = {row["phase"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"load", "leak", "overload", "abandon", "swap", "big-uploads", "hostile"}
     steady = {phase: row for phase, row in rows.items() if phase != "overload"}
