@@ -132,13 +132,15 @@ def test_default_cache_is_beside_the_checkpoint_or_where_the_user_says(tiny_chec
 def test_auto_never_chooses_a_failing_precision(tiny_checkpoint: Checkpoint, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_checkpoint.model
+    half = "bfloat16" if enc._cpu_has_bf16() else "float32"
+    monkeypatch.setattr(enc, "MIN_COSINE", 1.01)  # every half precision fails its check
     monkeypatch.setattr(enc, "MIN_COSINE_INT8", -1.0)
     assert enc.choose_precision(model, CAPTIONS, "auto", cache_dir=tmp_path) == "int8"
-    monkeypatch.setattr(enc, "MIN_COSINE_INT8", 1.01)  # int8 fails its check
-    assert enc.choose_precision(model, CAPTIONS, "auto", cache_dir=tmp_path) != "int8"
-    assert enc.choose_precision(model, CAPTIONS, "int8", cache_dir=tmp_path) == "float32"  # checked, too
-    monkeypatch.setattr(enc, "MIN_COSINE", 1.01)  # and so does every half precision
+    monkeypatch.setattr(enc, "MIN_COSINE_INT8", 1.01)  # and now int8 too
     assert enc.choose_precision(model, CAPTIONS, "auto", cache_dir=tmp_path) == "float32"
+    assert enc.choose_precision(model, CAPTIONS, "int8", cache_dir=tmp_path) == "float32"  # checked, too
+    monkeypatch.setattr(enc, "MIN_COSINE", -1.0)
+    assert enc.choose_precision(model, CAPTIONS, "auto", cache_dir=tmp_path) == half
 
 
 def test_without_the_onnx_extra(tiny_checkpoint: Checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
