@@ -223,3 +223,23 @@ def test_search_never_returns_a_nan_score(tmp_path: Path) -> None:
         hits = index.search(batch, 10)
         assert all(not np.isnan(h.score) for row in hits for h in row)
         assert all(h.row != 5 for row in hits for h in row)
+
+
+def test_unaligned_flat_views_are_left_to_faiss() -> None:
+    """A memory-mapped flat index's vectors may start at an odd byte offset; numpy would multiply such a
+    view without BLAS, so the search goes through FAISS instead (here the view holds other vectors, so
+    only FAISS's answer matches the index)."""
+    import faiss
+
+    vectors = clustered(300, 16, seed=11)
+    index = faiss.IndexFlatIP(16)
+    index.add(vectors)
+    raw = np.zeros(300 * 16 * 4 + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(300, 16)
+    unaligned[:] = clustered(300, 16, seed=12)
+    assert not unaligned.flags.aligned
+    queries = clustered(3, 16, seed=13)
+    np.testing.assert_array_equal(fx.search(index, queries, 5, flat_view=unaligned)[1], index.search(queries, 5)[1])
+    aligned = unaligned.copy()  # a fresh, aligned buffer: BLAS scores it (the other vectors win)
+    np.testing.assert_array_equal(fx.search(index, queries, 5, flat_view=aligned)[1],
+                                  fx.blas_topk(aligned, queries, 5)[1])
