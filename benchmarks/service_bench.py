@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
     import torch
     from transresnet.service.bundle import load_bundle
     from transresnet.service.imaging import decode_image, probe_image
-    from transresnet.service.ranking import EncodeJob, SearchJob, encode_jobs, search_jobs
+    from transresnet.service.ranking import EncodeJob, SearchJob, encode_jobs, search_jobs, set_search_threads
     from transresnet.service.resources import configure_threads
     from transresnet.service.settings import ServiceSettings
 
@@ -129,7 +130,9 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
     slots = tuple(bundle.checkpoint.traits.lookup(t) for t in args.personality)
     limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels, "min_side": bundle.min_side}
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "encode": [], "search": []}
-    with torch.inference_mode():
+    # As in the service, search runs in its own thread with its own FAISS thread count (OpenMP's is per thread).
+    searcher = ThreadPoolExecutor(1, initializer=set_search_threads, initargs=(settings.search_threads,))
+    with torch.inference_mode(), searcher:
         for round_ in range(repeats + 1):  # the first round warms caches and lazy initialisation
             for path in paths:
                 data = path.read_bytes()
@@ -141,7 +144,7 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
                 t2 = time.perf_counter()
                 (queries,) = encode_jobs([EncodeJob(bundle, pixels, slots)])
                 t3 = time.perf_counter()
-                search_jobs([SearchJob(bundle, queries, args.k)])
+                searcher.submit(search_jobs, [SearchJob(bundle, queries, args.k)]).result()
                 t4 = time.perf_counter()
                 if round_:
                     for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):

@@ -62,7 +62,8 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, name: str, max_batch: int, max_wait_s: float,
                  expect_more: Callable[[], bool] | None = None,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.fn = fn
@@ -71,6 +72,8 @@ class MicroBatcher(Generic[T, R]):
         self.max_wait_s = max(0.0, max_wait_s)
         self.expect_more = expect_more or (lambda: True)
         self.on_batch = on_batch
+        self.on_start = on_start
+        """Runs first in the worker thread: per-thread settings such as OpenMP's thread count belong there."""
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._closed = False
@@ -118,6 +121,8 @@ class MicroBatcher(Generic[T, R]):
     # ------------------------------------------------------------------ worker side
 
     def _run(self) -> None:
+        if self.on_start is not None:
+            self.on_start()
         while True:
             first = self._queue.get()
             if first is _STOP:

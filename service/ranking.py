@@ -59,6 +59,15 @@ class Ranking:
     search_batch: int
 
 
+def set_search_threads(threads: int) -> None:
+    """FAISS's OpenMP thread count for the calling thread. OpenMP keeps the count per thread (and torch and
+    FAISS share it): set in the event loop's thread it would miss the search worker, which would then search
+    with every core, and it would cut torch to ``threads`` there. So the search worker sets it itself."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+
+
 def _groups(items: Sequence[Item], key: Callable[[Item], Hashable]) -> dict[Hashable, list[int]]:
     """Positions of the items, grouped by key, in first-seen order."""
     groups: dict[Hashable, list[int]] = {}
@@ -183,7 +192,8 @@ class Ranker:
             expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n))
         self.searcher: MicroBatcher[SearchJob, list[list[Any]]] = MicroBatcher(
             search_jobs, name="search", max_batch=settings.effective_max_search_batch, max_wait_s=wait_s,
-            expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n))
+            expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n),
+            on_start=functools.partial(set_search_threads, settings.search_threads))
 
     def start(self) -> None:
         self.encoder.start()

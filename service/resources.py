@@ -25,11 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def configure_threads(settings: ServiceSettings) -> None:
-    import faiss
-
+    """Torch's intra-op threads (a process-wide setting that each thread picks up on its first torch op).
+    FAISS's count is per thread: the search worker sets its own (``ranking.set_search_threads``)."""
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    faiss.omp_set_num_threads(settings.search_threads)
 
 
 def warm_up(bundle: Bundle) -> None:

@@ -74,7 +74,9 @@ class ServiceSettings(BaseSettings):
     cpu_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads (image encoding); None = torch's default (the physical cores)."""
     search_threads: int = Field(1, ge=1)
-    """FAISS threads: a flat search is memory-bound, so one thread leaves the other cores to the encoder."""
+    """FAISS threads of the search worker: a flat search is memory-bound, so one thread leaves the other cores
+    to the encoder. (Exact search of a few queries goes through numpy's BLAS, whose own thread pool follows
+    OPENBLAS_NUM_THREADS, not this setting.)"""
     decode_threads: int = Field(2, ge=1)
     """Threads that decode and preprocess uploads."""
 

@@ -210,3 +210,30 @@ def test_readiness_wait_reports_a_server_that_exited():
 def test_readiness_wait_times_out_when_nothing_listens():
     with pytest.raises(RuntimeError, match="not ready after"):
         wait_until_ready(f"http://127.0.0.1:{free_port()}", timeout=0.5, poll_seconds=0.1)
+
+
+def test_search_threads_are_set_in_the_search_worker_not_the_caller(service_settings):
+    """OpenMP keeps its thread count per thread and torch and FAISS share it: the search worker sets FAISS's
+    count itself, and starting the service leaves the starting thread's torch threads alone."""
+    import faiss
+    import torch
+    from transresnet.service.metrics import ServiceMetrics
+    from transresnet.service.resources import Resources
+
+    threads_before = torch.get_num_threads()
+    seen: list[int] = []
+    settings = service_settings.model_copy(update={"search_threads": 1})
+
+    async def start_and_look() -> None:
+        resources = Resources(settings, ServiceMetrics())
+        await resources.start()
+        try:
+            worker = resources.ranker.searcher
+            worker.fn = lambda jobs: [seen.append(faiss.omp_get_max_threads()) for _ in jobs]  # report, not search
+            await worker.submit(object())
+        finally:
+            await resources.close()
+
+    asyncio.run(start_and_look())
+    assert seen == [1]
+    assert torch.get_num_threads() == threads_before
