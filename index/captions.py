@@ -74,26 +74,30 @@ def _scalar(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else str(value)
 
 
-def _read_text(path: Path) -> Iterator[dict[str, Any]]:
+def _read_text(path: Path, field: str = CAPTION, hint: str = FORMAT_HELP) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         for line in handle:
-            yield {CAPTION: line.rstrip("\r\n")}
+            yield {field: line.rstrip("\r\n")}
 
 
-def _read_csv(path: Path) -> Iterator[dict[str, Any]]:
+def _missing_column(path: Path, field: str, columns: list[str], hint: str) -> ValueError:
+    return ValueError(f"{path} has no '{field}' column (columns: {', '.join(columns) or 'none'}); name the "
+                      f"column '{field}'. {hint}")
+
+
+def _read_csv(path: Path, field: str = CAPTION, hint: str = FORMAT_HELP) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         columns = [c.strip() for c in reader.fieldnames or []]
-        if CAPTION not in columns:
-            raise ValueError(f"{path} has no '{CAPTION}' column (columns: {', '.join(columns) or 'none'}); "
-                             f"rename the caption column to '{CAPTION}'. {FORMAT_HELP}")
+        if field not in columns:
+            raise _missing_column(path, field, columns, hint)
         reader.fieldnames = columns
         for row in reader:
             row.pop(None, None)  # surplus fields of a ragged row
             yield row
 
 
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+def _read_jsonl(path: Path, field: str = CAPTION, hint: str = FORMAT_HELP) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -101,28 +105,29 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); {FORMAT_HELP}") from None
-            if not isinstance(row, dict) or CAPTION not in row:
-                raise ValueError(f"{path} line {number} has no '{CAPTION}' field; {FORMAT_HELP}")
+                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg}); {hint}") from None
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path} line {number} has no '{field}' field; {hint}")
             yield row
 
 
-def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
+def _read_parquet(path: Path, field: str = CAPTION, hint: str = FORMAT_HELP) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq  # only Parquet sources pay for it
 
     try:
         source = pq.ParquetFile(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for a non-Parquet file
-        raise ValueError(f"{path} is not a readable Parquet file ({err}); {FORMAT_HELP}") from None
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); {hint}") from None
     columns = source.schema_arrow.names
-    if CAPTION not in columns:
-        raise ValueError(f"{path} has no '{CAPTION}' column (columns: {', '.join(columns) or 'none'}); "
-                         f"rename the caption column to '{CAPTION}'. {FORMAT_HELP}")
+    if field not in columns:
+        raise _missing_column(path, field, columns, hint)
     for batch in source.iter_batches(batch_size=PARQUET_BATCH_ROWS):  # bounded memory for large shards
         yield from batch.to_pylist()
 
 
 READERS = {"text": _read_text, "csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+"""Format -> row reader ``(path, field=CAPTION, hint=FORMAT_HELP)``: rows as dicts, each holding ``field``
+(the caption; the id for `index remove`'s ids files), refused with ``hint`` when it is missing."""
 
 
 def detect_format(path: Path) -> str:

@@ -14,8 +14,6 @@ parent version and the sha256 of the parent's files and of the input file.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -25,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from transresnet.files import sha256_file
 from transresnet.keys import text_key
@@ -50,6 +47,7 @@ from .captions import (
     ID,
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
+    READERS,
     CaptionTable,
     checked,
     collect,
@@ -221,63 +219,29 @@ def new_rows(parent: CaptionTable, new: CaptionTable) -> tuple[CaptionTable, int
 # ------------------------------------------------------------------------------------------ ids file
 
 
+IDS_HELP = "an ids file is a .csv/.tsv or .parquet with an 'id' column, a .jsonl with an 'id' field per line, " \
+           "or any other file with one caption id per line"
+
+
 def read_ids(path: str | Path) -> list[str]:
-    """Caption ids to remove, in file order without repeats: a .csv/.tsv or .parquet with an 'id' column, a
-    .jsonl with an 'id' field per line, or any other file with one id per line (blank lines skipped)."""
+    """Caption ids to remove, in file order without repeats (blank ones skipped): see :data:`IDS_HELP`. The
+    tabular formats go through the caption sources' readers, asked for the 'id' field."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ids file {path} not found (one caption id per line, or a CSV with an 'id' column)")
+        raise FileNotFoundError(f"ids file {path} not found; {IDS_HELP}")
     suffix = path.suffix.lower()
+    fmt = next((name for name, suffixes in (("csv", CSV_SUFFIXES), ("jsonl", JSONL_SUFFIXES),
+                                             ("parquet", PARQUET_SUFFIXES)) if suffix in suffixes), None)
     try:
-        if suffix in CSV_SUFFIXES:
-            values = _csv_ids(path)
-        elif suffix in JSONL_SUFFIXES:
-            values = _jsonl_ids(path)
-        elif suffix in PARQUET_SUFFIXES:
-            values = _parquet_ids(path)
+        if fmt is None:
+            values: list[Any] = path.read_text(encoding="utf-8").splitlines()
         else:
-            values = path.read_text(encoding="utf-8").splitlines()
+            values = [row.get(ID) for row in READERS[fmt](path, field=ID, hint=IDS_HELP)]
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; write one caption id per line (or a CSV with an 'id' "
-                         "column)") from None
-    ids = list(dict.fromkeys(v.strip() for v in values if v is not None and v.strip()))
+        raise ValueError(f"{path} is not UTF-8 text; {IDS_HELP}") from None
+    ids = list(dict.fromkeys(text for text in (None if v is None else str(v).strip() for v in values) if text))
     if not ids:
-        raise ValueError(f"{path} holds no caption ids; write one id per line (or a CSV with an 'id' column)")
-    return ids
-
-
-def _parquet_ids(path: Path) -> list[str]:
-    names = pq.read_schema(path).names
-    if ID not in names:
-        raise ValueError(f"{path} has no '{ID}' column (columns: {', '.join(names) or 'none'}); name the column "
-                         f"of caption ids '{ID}'")
-    return [None if v is None else str(v) for v in pq.read_table(path, columns=[ID]).column(ID).to_pylist()]
-
-
-def _csv_ids(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if ID not in columns:
-            raise ValueError(f"{path} has no '{ID}' column (columns: {', '.join(columns) or 'none'}); name the "
-                             f"column of caption ids '{ID}', or give a plain file with one id per line")
-        reader.fieldnames = columns
-        return [row.get(ID) or "" for row in reader]
-
-
-def _jsonl_ids(path: Path) -> list[str]:
-    ids = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or ID not in row:
-                raise ValueError(f"{path} line {number} has no '{ID}' field")
-            ids.append(str(row[ID]))
+        raise ValueError(f"{path} holds no caption ids; {IDS_HELP}")
     return ids
 
 
