@@ -25,9 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
-from _common import ServeProcess, multipart_body  # the script folder is on sys.path
+from _common import ServeProcess, multipart_body, setup_env  # the script folder is on sys.path
+
+setup_env()  # the service's runtime defaults (OMP_WAIT_POLICY=PASSIVE...) for the in-process floor too
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 
 logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
