@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -47,14 +48,20 @@ class BuildOptions(BaseModel):
 
     @model_validator(mode="after")
     def _ray_flags_need_ray(self) -> BuildOptions:
-        if self.engine == "local":
-            stray = [flag for name, flag in RAY_FLAGS.items()
-                     if getattr(self, name) != type(self).model_fields[name].default]
-            if stray:
-                verb = "applies" if len(stray) == 1 else "apply"
-                raise ValueError(f"{', '.join(stray)} {verb} only to --engine ray; add --engine ray or drop "
-                                 f"{'it' if len(stray) == 1 else 'them'}")
+        defaults = type(self).model_fields
+        self.refuse_ray_flags(name for name in RAY_FLAGS if getattr(self, name) != defaults[name].default)
         return self
+
+    def refuse_ray_flags(self, given: Iterable[str]) -> None:
+        """ValueError naming the ray-only options among ``given`` when the engine is local. The model checks
+        the values that differ from their defaults; the CLI also checks the flags given (``--workers 2``
+        equals the default, yet says the user expected Ray)."""
+        given = set(given)
+        stray = [flag for name, flag in RAY_FLAGS.items() if name in given]
+        if self.engine == "local" and stray:
+            verb = "applies" if len(stray) == 1 else "apply"
+            raise ValueError(f"{', '.join(stray)} {verb} only to --engine ray; add --engine ray or drop "
+                             f"{'it' if len(stray) == 1 else 'them'}")
 
     def flags(self) -> list[str]:
         """The `transresnet index build` flags that reproduce this build (see :data:`FLAG_NAMES`)."""

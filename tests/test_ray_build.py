@@ -266,6 +266,18 @@ def test_ray_flags_are_refused_with_the_local_engine() -> None:
         BuildOptions(workers=4, gpus_per_worker=1)
 
 
+def test_a_ray_flag_given_at_its_default_is_refused_by_the_cli_too(tmp_path: Path, caplog) -> None:
+    """`--workers 2` equals the default, yet the user expected Ray: the flags given count, not their values
+    (and options recorded with every field, as a manifest holds them, still validate)."""
+    from transresnet.cli import main
+
+    assert main(["index", "build", "--checkpoint", str(tmp_path), "--captions", str(tmp_path / "c.txt"),
+                 "--out", str(tmp_path / "out"), "--workers", "2"]) != 0
+    assert "--workers applies only to --engine ray" in caplog.text
+    assert not (tmp_path / "out").exists()
+    assert BuildOptions.model_validate(BuildOptions().model_dump()).engine == "local"
+
+
 def test_the_default_install_path_imports_no_ray() -> None:
     code = ("import sys, transresnet.cli, transresnet.index.build, transresnet.index.distributed\n"
             "from transresnet.cli import build_parser\n"

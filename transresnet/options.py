@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], *, re
                   exclude: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> None:
     """One argparse flag per field of ``model``: type, choices, default and help come from the field.
 
-    Fields the model requires are required flags, and so are the names in ``required``.
+    Fields the model requires are required flags, and so are the names in ``required``. A flag left out is
+    absent from the parsed namespace (``argparse.SUPPRESS``), so the model supplies its default and its
+    ``model_fields_set`` holds exactly the flags the user gave, even one given at its default value.
     """
     renames = renames or {}
     hints = typing.get_type_hints(model)
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], *, re
         if info.is_required() or name in required:
             kwargs["required"] = True
         else:
-            kwargs["default"] = info.default
+            kwargs["default"] = argparse.SUPPRESS
             if info.default is not None and annotation is not bool:
                 help_text += f" (default: {info.default})"
         kwargs["help"] = help_text.strip()

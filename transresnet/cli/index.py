@@ -104,6 +104,7 @@ VERIFY_FAILED = 1
 
 def cmd_build(args: argparse.Namespace) -> int:
     options = from_namespace(BuildOptions, args)  # validated before torch and faiss load
+    options.refuse_ray_flags(options.model_fields_set)  # the flags given: only those are in the namespace
     if not args.checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
     if options.engine == "ray" and args.device != "auto":
