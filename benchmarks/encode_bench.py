@@ -60,10 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def read_all_captions(path: Path, limit: int | None) -> list[str]:
     """All rows, duplicates included (what each encoder is asked to embed)."""
-    from transresnet.index.captions import _read_csv, _read_jsonl, _read_text, detect_format
+    from transresnet.index.captions import READERS, detect_format
 
-    reader = {"text": _read_text, "csv": _read_csv, "jsonl": _read_jsonl}[detect_format(path)]
-    captions = [str(row["caption"]).strip() for row in reader(path)]
+    captions = [str(row["caption"]).strip() for row in READERS[detect_format(path)](path)]
     captions = [c for c in captions if c]
     return captions[:limit] if limit else captions
 
