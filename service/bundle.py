@@ -22,8 +22,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# What the shipped training setups' photos are, by config name, so a user knows what to send.
+_FLICKR8K = "Flickr8k photos of people, animals, outdoor scenes"
+TRAINED_ON = {
+    "synthetic": "synthetic drawn shapes: send coloured shapes, not photos",
+    "flickr8k_voices": f"{_FLICKR8K}, voiced captions (template voices, a proxy for Personality-Captions)",
+    "flickr8k": f"{_FLICKR8K}, human captions",
+    "flickr8k_fast": f"{_FLICKR8K}, human captions",
+    "personality_captions": "YFCC100M photos of everyday scenes, Personality-Captions' human captions in "
+                            "215 personalities",
+}
+
+
+def trained_on(checkpoint: Checkpoint) -> str | None:
+    """What kind of photos and captions the model learned from; None for a setup of unknown data."""
+    config = checkpoint.config
+    if config.name in TRAINED_ON:
+        return TRAINED_ON[config.name]
+    return TRAINED_ON["synthetic"] if config.data.synthesize else None  # a renamed synthetic setup
+
+
 def describe_model(checkpoint: Checkpoint) -> str:
-    """'synthetic: test_resnet image encoder, trained on captions.csv in data/, 10 personalities'."""
+    """'flickr8k_voices: Flickr8k photos of ..., voiced captions (...); tf_efficientnet_lite2 image encoder,
+    trained on captions.csv in voices/, 10 personalities'."""
     config = checkpoint.config
     parts = [f"{config.model.image.backbone} image encoder"]
     if config.data.train:
@@ -31,7 +52,8 @@ def describe_model(checkpoint: Checkpoint) -> str:
         parts.append(f"trained on {train.name} in {train.parent.name or '.'}/")
     count = len(checkpoint.traits.names)
     parts.append(f"{count} personalities" if count else "no personalities")
-    return f"{config.name}: " + ", ".join(parts)
+    domain = trained_on(checkpoint)
+    return f"{config.name}: " + (f"{domain}; " if domain else "") + ", ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)

@@ -167,3 +167,39 @@ def test_a_model_without_personalities_needs_no_ticking(browser, plain_settings,
         browser.find_element(By.ID, "submit").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
         assert browser.find_element(By.CSS_SELECTOR, "#results .result h3").text == "none"
+
+
+def test_the_real_photo_demo_shows_its_val_photos_and_what_it_knows(browser, tiny_text_model, tmp_path):
+    """The flickr8k demo recipe (tiny models, a few generated photos): the page offers the held-out photos as
+    images that load, says the model knows Flickr8k-like photos in template voices, and ranks a sample."""
+    from selenium.webdriver.common.by import By
+    from transresnet.service.demo import ensure_demo
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
+
+    from tests.test_service_demo import photo_folder, tiny_demo_overrides
+
+    photos = photo_folder(tmp_path / "photos", train=4, val=3)
+    checkpoint, index_root = ensure_demo(tmp_path / "demo", "flickr8k", data=photos,
+                                         overrides=tiny_demo_overrides(tiny_text_model))
+    settings = ServiceSettings(_env_file=None, checkpoint=checkpoint, index_root=index_root, device="cpu")
+    with ServerThread(create_app(settings), free_port()) as server:
+        wait = _wait()(browser, 20)
+        browser.get(server.base_url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "samples").is_displayed())
+        images = browser.find_elements(By.CSS_SELECTOR, "#sample-list button.sample img")
+        assert [img.get_attribute("alt") for img in images] == ["photo_0_04.jpg", "photo_0_05.jpg", "photo_0_06.jpg"]
+        wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+                                 for img in images))
+        assert {browser.execute_script("return arguments[0].naturalWidth", img) for img in images} == {48}
+        info = wait.until(lambda d: d.find_element(By.ID, "model-info").text and d.find_element(By.ID, "model-info"))
+        assert "Flickr8k photos of people, animals, outdoor scenes" in info.text
+        assert "template voices, a proxy for Personality-Captions" in info.text and "10 personalities" in info.text
+        images[1].click()
+        wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+        browser.find_element(By.CSS_SELECTOR, '#trait-list li[data-trait="Sarcastic"] input').click()
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
+        result = browser.find_element(By.CSS_SELECTOR, "#results .result")
+        assert result.find_element(By.TAG_NAME, "h3").text == "Sarcastic"
+        assert len(result.find_elements(By.CSS_SELECTOR, "li.caption")) == 5

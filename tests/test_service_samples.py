@@ -1,4 +1,5 @@
-"""GET /v1/samples: photos like the training photos, served from an allow-list, and clickable on the page."""
+"""GET /v1/samples: photos like the training photos (the held-out ones where known), served from an allow-list,
+and clickable on the page."""
 
 from __future__ import annotations
 
@@ -58,6 +59,30 @@ def test_only_listed_samples_are_served(sampled_client, name: str) -> None:
         assert response.status_code == 200
     else:
         assert response.status_code == 404 and response.json()["error"] == "not_found"
+
+
+def test_the_samples_are_the_held_out_photos_where_the_training_data_has_them(tiny_text_model: Path,
+                                                                             tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from transresnet.service.main import create_app
+    from transresnet.service.settings import ServiceSettings
+
+    data = tmp_path / "data"
+    lines = ["image,split,caption"]
+    for i in range(12):
+        write_image(data / "images" / f"photo_{i:02d}.jpg", size=(40, 30), seed=i)
+        lines.append(f"photo_{i:02d}.jpg,{'val' if i % 4 == 3 else 'train'},A photo number {i} .")
+    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    config = build_config(tiny_tree(tiny_text_model, data={"train": str(data / "captions.csv")}))
+    model = create_model(config.model, TraitVocab(["Sweet"]))
+    checkpoint = load_checkpoint(save_checkpoint(model, config, tmp_path / "best"))
+    build_test_index(checkpoint, tmp_path / "index")
+    settings = ServiceSettings(_env_file=None, checkpoint=checkpoint.path, index_root=tmp_path / "index",
+                               device="cpu")
+    with TestClient(create_app(settings)) as client:
+        names = [s["name"] for s in client.get("/v1/samples").json()["samples"]]
+        assert names == ["photo_03.jpg", "photo_07.jpg", "photo_11.jpg"]  # the val split, not trained on
+        assert client.get("/v1/samples/photo_00.jpg").status_code == 404
 
 
 def test_a_model_whose_training_photos_are_elsewhere_offers_none(service_client) -> None:

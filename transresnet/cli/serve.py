@@ -68,6 +68,17 @@ def check_servable(checkpoint: Path, index_root: Path) -> None:
                              f"build --checkpoint {checkpoint} --captions FILE --out {index_root}`")
 
 
+def _ensure_demo(args: argparse.Namespace, demo_dir: Path) -> tuple[Path, Path]:
+    """The embedded demo named by --demo (--data alone means the real-photo one), built once and cached."""
+    from transresnet.service.demo import ensure_demo
+
+    name = args.demo or ("flickr8k" if args.data is not None else "synthetic")
+    if name == "synthetic" and args.data is not None:
+        raise ValueError("--data gives the photos of --demo flickr8k; the synthetic demo draws its own")
+    logger.info("no checkpoint or index configured: serving the embedded %s demo", name)
+    return ensure_demo(demo_dir, name, data=args.data)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -76,11 +87,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings(**_overrides(args))
     check_port_free(settings.host, settings.port)  # before anything slow, the demo build included
     if settings.checkpoint is None and settings.index_root is None:
-        from transresnet.service.demo import ensure_demo
-
-        logger.info("no checkpoint or index configured: serving the embedded synthetic demo")
-        checkpoint, index_root = ensure_demo(settings.demo_dir)
+        checkpoint, index_root = _ensure_demo(args, settings.demo_dir)
         settings = settings.model_copy(update={"checkpoint": checkpoint, "index_root": index_root})
+    elif args.demo is not None or args.data is not None:
+        raise ValueError("--demo and --data build an embedded demo: give them without --checkpoint and --index "
+                         "(or TRANSRESNET_CHECKPOINT and TRANSRESNET_INDEX_ROOT)")
     elif settings.checkpoint is None or settings.index_root is None:
         raise ValueError("give both --checkpoint and --index (or TRANSRESNET_CHECKPOINT and "
                          "TRANSRESNET_INDEX_ROOT), or neither for the embedded demo")
@@ -124,7 +135,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="where the index is searched when FAISS sees GPUs (default auto)")
     serve.add_argument("--follow-index", type=float, metavar="SECONDS",
                        help="poll the index root's CURRENT every SECONDS and swap to the version it names")
-    serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demo (default .cache/demo)")
+    from transresnet.service.demo import DEMOS  # stdlib-only at import
+
+    serve.add_argument("--demo", choices=list(DEMOS),
+                       help="the embedded demo served without --checkpoint/--index: synthetic (default, offline: "
+                            "drawn shapes) or flickr8k (real photos in ten voices, EfficientNet-Lite2; photos "
+                            "from --data, else downloaded once, about 1.1 GB)")
+    serve.add_argument("--data", type=Path, metavar="DIR",
+                       help="--demo flickr8k: photo folder in the CSV layout (captions.csv image,split,caption and "
+                            "images/), e.g. ../shared/data/flickr8k-1k; another folder builds another demo")
+    serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demos (default .cache/demo)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn and service log level (default info)")
     serve.set_defaults(func=_serve)
