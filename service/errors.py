@@ -49,6 +49,10 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class GeneratorUnavailable(InvalidRequest):
+    code = "generator_unavailable"
+
+
 class NotReady(ServiceError):
     status_code = 503
     code = "not_ready"

@@ -19,9 +19,11 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "total")
+STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "generate_queue", "generate",
+          "rescore_queue", "rescore", "total")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STEP_BUCKETS = (2, 4, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60, 100)
 
 
 class ServiceMetrics:
@@ -40,6 +42,10 @@ class ServiceMetrics:
                                        ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("transresnet_batch_size", "Requests per micro-batch", ["stage"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.decode_steps = Histogram("transresnet_generate_decode_steps", "Beam-search steps of the decode that "
+                                      "answered a generate or hybrid request", buckets=STEP_BUCKETS, registry=r)
+        self.generator_info = Gauge("transresnet_generator_info", "The caption generator being served (value 1)",
+                                    ["name", "family", "version"], registry=r)
         self.personalities = Counter("transresnet_personalities_ranked", "Ranked lists returned", registry=r)
         self.reloads = Counter("transresnet_reloads", "Reloads (admin or index follow) by outcome", ["outcome"],
                                registry=r)
@@ -64,7 +70,7 @@ class ServiceMetrics:
                                registry=r)
         for stage in STAGES:  # export every series from the start, so dashboards see zeros, not gaps
             self.stage_seconds.labels(stage)
-        for stage in ("encode", "search"):
+        for stage in ("encode", "search", "generate", "rescore"):
             self.batch_size.labels(stage)
         for outcome in ("reloaded", "refused", "pointer_unreadable"):
             self.index_follow.labels(outcome)
@@ -75,6 +81,13 @@ class ServiceMetrics:
 
     def observe_batch(self, stage: str, size: int) -> None:
         self.batch_size.labels(stage).observe(size)
+
+    def observe_decode_steps(self, steps: int) -> None:
+        self.decode_steps.observe(steps)
+
+    def set_generator(self, info: dict[str, Any]) -> None:
+        self.generator_info.clear()
+        self.generator_info.labels(info["name"], info["family"], info["version"]).set(1)
 
     def set_serving(self, model: dict[str, Any], index: dict[str, Any]) -> None:
         self.model_info.clear()

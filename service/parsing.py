@@ -14,15 +14,16 @@ from starlette.types import Message, Receive
 from .errors import ImageTooLarge, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, validation_error
 from .imaging import decode_base64
 from .ranking import Upload
-from .schemas import CaptionsJSONRequest, CaptionsQuery
+from .schemas import CaptionsJSONRequest, CaptionsQuery, Mode
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _ENVELOPE = 64 * 1024  # room for form fields, multipart boundaries and JSON keys around the image
-_HOW = ("send multipart/form-data with a file field 'image' and fields 'personality' (repeatable) and 'k', "
-        "or application/json with image_base64, personality and k")
+_HOW = ("send multipart/form-data with a file field 'image' and fields 'personality' (repeatable), 'k' and "
+        "optionally 'mode', 'beam_size', 'max_length', or application/json with image_base64, personality, k "
+        "and the same options")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class CaptionsInput:
     """The image file's bytes, taken by the pipeline (and then released) exactly once."""
     personalities: list[str]
     k: int
+    mode: Mode = "retrieve"
+    beam_size: int | None = None
+    max_length: int | None = None
 
 
 def body_limit(settings: ServiceSettings) -> int:
@@ -112,8 +116,9 @@ async def _read_upload(images: list[Any], settings: ServiceSettings) -> bytes:
 def _form_fields(form: FormData) -> dict[str, Any]:
     personalities = form.getlist("personality")
     fields: dict[str, Any] = {"personality": personalities or None}  # none: the router decides (model's traits)
-    if "k" in form:
-        fields["k"] = form["k"]
+    for name in ("k", "mode", "beam_size", "max_length"):
+        if name in form:
+            fields[name] = form[name]
     return fields
 
 
@@ -127,7 +132,8 @@ async def _from_form(request: Request, settings: ServiceSettings) -> CaptionsInp
         image = await _read_upload(form.getlist("image"), settings)
     finally:
         await form.close()
-    return CaptionsInput(Upload(image), query.personality or [], query.k)
+    return CaptionsInput(Upload(image), query.personality or [], query.k, query.mode, query.beam_size,
+                         query.max_length)
 
 
 async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInput:
@@ -138,4 +144,5 @@ async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInp
         raise validation_error(err.errors()) from None
     del body
     image = decode_base64(payload.image_base64, settings.max_upload_bytes)
-    return CaptionsInput(Upload(image), payload.personality or [], payload.k)
+    return CaptionsInput(Upload(image), payload.personality or [], payload.k, payload.mode, payload.beam_size,
+                         payload.max_length)

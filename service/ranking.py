@@ -1,4 +1,6 @@
-"""The ranking pipeline: decode (thread pool) -> encode (micro-batched) -> search (micro-batched).
+"""The caption pipeline: decode (thread pool) -> encode (micro-batched) -> search (micro-batched), and for
+the generative modes beam search (micro-batched) and, in hybrid, the re-scoring of every candidate by the
+retrieval model (micro-batched).
 
 Each request carries the ``Bundle`` it started with, so a reload never changes the model or index under
 an in-flight request; batches are split by bundle, so requests on old and new bundles never mix.
@@ -15,17 +17,32 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
+from transresnet.config import DecodingConfig
 from transresnet.encode import encode_photo_queries
 
 from .batching import MicroBatcher
 from .bundle import Bundle
 from .errors import Overloaded, StageTimeout
+from .generating import (
+    Candidate,
+    GenerateJob,
+    Generation,
+    Generator,
+    RescoreJob,
+    generate_jobs,
+    generated_candidates,
+    hybrid_candidates,
+    rescore_jobs,
+)
 from .imaging import ImageProbe, decode_image, probe_image
+
+if TYPE_CHECKING:
+    from transresnet.images import ImagePreprocessor
 from .metrics import ServiceMetrics
 from .settings import ServiceSettings
 
@@ -57,6 +74,31 @@ class Ranking:
     timings_s: dict[str, float]
     encode_batch: int
     search_batch: int
+
+
+@dataclass(frozen=True)
+class CaptionPlan:
+    """What one caption request asks for, resolved: the mode, the models and each personality's slots."""
+
+    mode: str
+    bundle: Bundle
+    trait_ids: tuple[int, ...]
+    """Retrieval trait slots, one per requested personality."""
+    k: int
+    generator: Generator | None = None
+    generator_traits: tuple[int, ...] = ()
+    """The generator's slots for the same personalities (generate and hybrid)."""
+    decoding: DecodingConfig | None = None
+
+
+@dataclass
+class Captioning:
+    candidates: list[list[Candidate]]
+    """One ranked list per requested personality."""
+    timings_s: dict[str, float]
+    batch_sizes: dict[str, int]
+    """Requests batched together with this one, per batched stage it went through."""
+    decode_steps: int | None = None
 
 
 def set_search_threads(threads: int) -> None:
@@ -175,8 +217,21 @@ class DecodeBudget:
                 waiter.set_result(None)
 
 
+async def both(first: Awaitable[Item], second: Awaitable[Any]) -> tuple[Item, Any]:
+    """Await two stages side by side; if either fails (or the caller is cancelled) the other is cancelled,
+    and the first error is raised as itself (not wrapped in an exception group)."""
+    tasks = (asyncio.ensure_future(first), asyncio.ensure_future(second))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        return tasks[0].result(), tasks[1].result()
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+
+
 class Ranker:
-    """Owns the decode pool and the two batch workers; ``rank`` is the whole request path."""
+    """Owns the decode pool and the batch workers; ``caption`` is the whole request path (``rank``: retrieval)."""
 
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -194,28 +249,47 @@ class Ranker:
             search_jobs, name="search", max_batch=settings.effective_max_search_batch, max_wait_s=wait_s,
             expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n),
             on_start=functools.partial(set_search_threads, settings.search_threads))
+        self.generator: MicroBatcher[GenerateJob, Generation] | None = None
+        self.rescorer: MicroBatcher[RescoreJob, list[np.ndarray]] | None = None
+        if settings.generator is not None:
+            self.generator = MicroBatcher(
+                generate_jobs, name="generate", max_batch=settings.effective_max_generate_batch, max_wait_s=wait_s,
+                expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("generate", n))
+            self.rescorer = MicroBatcher(
+                rescore_jobs, name="rescore", max_batch=settings.effective_max_batch, max_wait_s=wait_s,
+                on_batch=lambda n, _: metrics.observe_batch("rescore", n))
+
+    @property
+    def _batchers(self) -> list[MicroBatcher]:
+        return [b for b in (self.encoder, self.searcher, self.generator, self.rescorer) if b is not None]
 
     def start(self) -> None:
-        self.encoder.start()
-        self.searcher.start()
+        for batcher in self._batchers:
+            batcher.start()
 
     def stop(self) -> None:
-        self.encoder.stop()
-        self.searcher.stop()
+        for batcher in self._batchers:
+            batcher.stop()
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
     @property
     def alive(self) -> bool:
-        return self.encoder.alive and self.searcher.alive
+        return all(batcher.alive for batcher in self._batchers)
 
-    def _probe(self, bundle: Bundle, data: bytes) -> ImageProbe:
+    def _probe(self, min_side: int, data: bytes) -> ImageProbe:
         return probe_image(data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels,
-                           min_side=bundle.min_side)
+                           min_side=min_side)
 
-    def _decode(self, bundle: Bundle, data: bytes) -> torch.Tensor:
+    def _decode(self, preprocessors: Sequence[ImagePreprocessor], min_side: int, data: bytes) -> list[torch.Tensor]:
+        """One decode of the upload, preprocessed for each model (once when their preprocessing is the same)."""
         image = decode_image(data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels,
-                             min_side=bundle.min_side)
-        return bundle.preprocessor(image)
+                             min_side=min_side)
+        done: dict[str, torch.Tensor] = {}
+        for preprocessor in preprocessors:
+            key = preprocessor.identity()
+            if key not in done:
+                done[key] = preprocessor(image)
+        return [done[p.identity()] for p in preprocessors]
 
     async def _in_pool(self, fn: Callable[..., Item], *args: Any, on_done: Callable[[], None] | None = None) -> Item:
         """``fn(*args)`` on the decode pool. ``on_done`` runs (on the loop) once the work has really finished or
@@ -235,35 +309,101 @@ class Ranker:
                                f"overloaded, retry in {self.settings.retry_after_s}s",
                                headers={"Retry-After": str(self.settings.retry_after_s)}) from None
 
-    async def _decode_within_budget(self, bundle: Bundle, data: bytes) -> torch.Tensor:
-        probe = await self._in_pool(self._probe, bundle, data)
+    async def _decode_within_budget(self, preprocessors: Sequence[ImagePreprocessor], min_side: int,
+                                    data: bytes) -> list[torch.Tensor]:
+        probe = await self._in_pool(self._probe, min_side, data)
         cost = self.decode_budget.clamp(probe.decode_bytes)
         await self.decode_budget.acquire(cost)
-        return await self._in_pool(self._decode, bundle, data,
+        return await self._in_pool(self._decode, preprocessors, min_side, data,
                                    on_done=functools.partial(self.decode_budget.release, cost))
 
-    async def rank(self, bundle: Bundle, upload: Upload, trait_ids: Sequence[int], k: int) -> Ranking:
-        """Decode, encode, search. The upload's bytes are released once decoded; cancelling the calling task
-        (the client went away) takes the request out of whichever stage or queue it is in."""
+    async def _pixels(self, upload: Upload, preprocessors: Sequence[ImagePreprocessor],
+                      timings: dict[str, float]) -> list[torch.Tensor]:
+        """The decode stage; the upload's bytes are released once decoded."""
         start = time.perf_counter()
-        self._decoding += 1  # counted from the start, so the encoder knows this request is coming
+        min_side = max(p.min_side for p in preprocessors)  # decoded once, large enough for every model
+        self._decoding += 1  # counted from the start, so the batch workers know this request is coming
         try:
-            pixels = await self._stage("decode", self._decode_within_budget(bundle, upload.take()))
-            decoded = time.perf_counter()
+            return await self._stage("decode", self._decode_within_budget(preprocessors, min_side, upload.take()))
         finally:
             self._decoding -= 1
+            timings["decode"] = time.perf_counter() - start
+
+    async def _retrieve(self, bundle: Bundle, pixels: torch.Tensor, trait_ids: tuple[int, ...], k: int,
+                        timings: dict[str, float], sizes: dict[str, int]) -> tuple[list[list[Any]], np.ndarray]:
+        """Encode and search: the ranked hits per personality, and the query vectors."""
         self._encoding += 1
         try:
-            queries, enc = await self._stage("encode", self.encoder.submit(EncodeJob(bundle, pixels,
-                                                                                     tuple(trait_ids))))
+            queries, enc = await self._stage("encode", self.encoder.submit(EncodeJob(bundle, pixels, trait_ids)))
         finally:
             self._encoding -= 1
-        del pixels
         hits, srch = await self._stage("search", self.searcher.submit(SearchJob(bundle, queries, k)))
-        timings = {"decode": decoded - start, "encode_queue": enc.wait_s, "encode": enc.run_s,
-                   "search_queue": srch.wait_s, "search": srch.run_s, "total": time.perf_counter() - start}
+        timings.update(encode_queue=enc.wait_s, encode=enc.run_s, search_queue=srch.wait_s, search=srch.run_s)
+        sizes.update(encode=enc.size, search=srch.size)
+        return hits, queries
+
+    async def _generate(self, plan: CaptionPlan, pixels: torch.Tensor, n_best: int, timings: dict[str, float],
+                        sizes: dict[str, int]) -> Generation:
+        assert self.generator is not None and plan.generator is not None and plan.decoding is not None
+        job = GenerateJob(plan.generator, pixels, plan.generator_traits, plan.decoding, n_best)
+        generation, info = await self._stage("generate", self.generator.submit(job))
+        timings.update(generate_queue=info.wait_s, generate=info.run_s)
+        sizes["generate"] = info.size
+        self.metrics.observe_decode_steps(generation.steps)
+        return generation
+
+    async def _rescore(self, bundle: Bundle, queries: np.ndarray, texts: list[tuple[str, ...]],
+                       timings: dict[str, float], sizes: dict[str, int]) -> list[np.ndarray]:
+        assert self.rescorer is not None
+        scores, info = await self._stage("rescore", self.rescorer.submit(RescoreJob(bundle, queries, tuple(texts))))
+        timings.update(rescore_queue=info.wait_s, rescore=info.run_s)
+        sizes["rescore"] = info.size
+        return scores
+
+    async def rank(self, bundle: Bundle, upload: Upload, trait_ids: Sequence[int], k: int) -> Ranking:
+        """Decode, encode, search. Cancelling the calling task (the client went away) takes the request out of
+        whichever stage or queue it is in."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        (pixels,) = await self._pixels(upload, [bundle.preprocessor], timings)
+        hits, _ = await self._retrieve(bundle, pixels, tuple(trait_ids), k, timings, sizes)
+        timings["total"] = time.perf_counter() - start
         self.metrics.observe_stages(timings)
-        return Ranking(hits, timings, enc.size, srch.size)
+        return Ranking(hits, timings, sizes["encode"], sizes["search"])
+
+    async def caption(self, plan: CaptionPlan, upload: Upload) -> Captioning:
+        """The request path of ``plan.mode``: retrieve (decode, encode, search), generate (decode, beam
+        search) or hybrid (decode once; retrieval and beam search side by side; every candidate re-scored
+        by the retrieval model)."""
+        if plan.mode == "retrieve":
+            ranking = await self.rank(plan.bundle, upload, plan.trait_ids, plan.k)
+            candidates = [[Candidate(str(h.id), h.caption, float(h.score), "retrieved", dict(h.metadata or {}))
+                           for h in hits] for hits in ranking.hits]
+            return Captioning(candidates, ranking.timings_s, {"encode": ranking.encode_batch,
+                                                              "search": ranking.search_batch})
+        assert plan.generator is not None and plan.decoding is not None
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        sizes: dict[str, int] = {}
+        if plan.mode == "generate":
+            (pixels,) = await self._pixels(upload, [plan.generator.preprocessor], timings)
+            generation = await self._generate(plan, pixels, min(plan.k, plan.decoding.beam_size), timings, sizes)
+            candidates = [generated_candidates(beams, plan.k) for beams in generation.beams]
+        else:
+            retrieval_pixels, generator_pixels = await self._pixels(
+                upload, [plan.bundle.preprocessor, plan.generator.preprocessor], timings)
+            (hits, queries), generation = await both(
+                self._retrieve(plan.bundle, retrieval_pixels, plan.trait_ids, plan.k, timings, sizes),
+                self._generate(plan, generator_pixels, plan.decoding.beam_size, timings, sizes))
+            texts = [tuple(h.caption for h in row) + tuple(b.caption for b in beams)
+                     for row, beams in zip(hits, generation.beams, strict=True)]
+            scores = await self._rescore(plan.bundle, queries, texts, timings, sizes)
+            candidates = [hybrid_candidates(row, beams, row_scores, plan.k)
+                          for row, beams, row_scores in zip(hits, generation.beams, scores, strict=True)]
+        timings["total"] = time.perf_counter() - start
+        self.metrics.observe_stages(timings)
+        return Captioning(candidates, timings, sizes, generation.steps)
 
 
 class Upload:

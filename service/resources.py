@@ -17,6 +17,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .errors import NotReady, ReloadFailed
+from .generating import GenerateJob, Generator, generate_jobs, load_generator_bundle
 from .metrics import ServiceMetrics
 from .ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs
 from .settings import ServiceSettings
@@ -41,6 +42,21 @@ def warm_up(bundle: Bundle) -> None:
         raise ValueError(f"checkpoint {bundle.checkpoint.path} produces non-finite query vectors")
 
 
+def warm_up_generator(generator: Generator) -> None:
+    """One short beam search, so the first generate request does not pay for lazy initialisation."""
+    size = generator.preprocessor.cfg.image_size
+    job = GenerateJob(generator, torch.zeros(3, size, size), (0,), generator.decoding(1, 2), 1)
+    generate_jobs([job])
+
+
+def load_generator(settings: ServiceSettings) -> Generator | None:
+    if settings.generator is None:
+        return None
+    generator = load_generator_bundle(settings.generator, device=settings.device)
+    warm_up_generator(generator)
+    return generator
+
+
 class Resources:
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics) -> None:
         if settings.checkpoint is None or settings.index_root is None:
@@ -50,6 +66,8 @@ class Resources:
         self.metrics = metrics
         self.ranker = Ranker(settings, metrics)
         self._bundle: Bundle | None = None
+        self.generator: Generator | None = None
+        """The caption generator (generate and hybrid modes), loaded once at start-up; None = retrieval only."""
         self._reload_lock = asyncio.Lock()
 
     @property
@@ -89,6 +107,9 @@ class Resources:
         # A bad CURRENT at start-up falls back to the newest verified version (loudly: log, /readyz, metrics);
         # a reload keeps serving what it has instead.
         bundle = await asyncio.to_thread(partial(self._load, self.settings.checkpoint, False, fallback=True))
+        self.generator = await asyncio.to_thread(load_generator, self.settings)
+        if self.generator is not None:
+            self.metrics.set_generator(self.generator.info)
         self.ranker.start()
         self._install(bundle)
 

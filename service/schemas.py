@@ -23,6 +23,16 @@ EXAMPLE_IMAGE_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR
                         "lso1AAAAAElFTkSuQmCC")
 """An 8x8 orange PNG (78 bytes): the OpenAPI example is a request the server really answers."""
 K = Annotated[int, Field(ge=1, le=MAX_K, description="Captions to return per personality")]
+Mode = Literal["retrieve", "generate", "hybrid"]
+MODE_DESCRIPTION = ("retrieve: rank the index's captions (the default); generate: write new captions by beam "
+                    "search with the served caption generator; hybrid: both, re-ranked together by the retrieval "
+                    "model's score, each marked with its source. generate and hybrid need a server started with "
+                    "a generator (GET /readyz: generator)")
+BeamSize = Annotated[int, Field(ge=1, le=64, description="Beam width for generate and hybrid (at most the "
+                                                          "server's max_beam_size; default: the generator's)")]
+MaxLength = Annotated[int, Field(ge=1, le=100, description="Most words of a generated caption (at most the "
+                                                            "server's max_generate_length; default: the "
+                                                            "generator's)")]
 
 
 class CaptionsQuery(BaseModel):
@@ -34,6 +44,9 @@ class CaptionsQuery(BaseModel):
         None, description="Required when the model has personalities; a model without any ranks for the photo "
                           "alone ('none')")
     k: K = 5
+    mode: Mode = Field("retrieve", description=MODE_DESCRIPTION)
+    beam_size: BeamSize | None = None
+    max_length: MaxLength | None = None
 
 
 class CaptionsJSONRequest(CaptionsQuery):
@@ -46,9 +59,16 @@ class CaptionsJSONRequest(CaptionsQuery):
 
 
 class CaptionHit(BaseModel):
-    id: str = Field(description="The caption's id in the index's caption source")
+    id: str = Field(description="The caption's id in the index's caption source; generated-N for the N-th "
+                                "generated beam")
     caption: str
-    score: float = Field(description="Dot-product score; higher ranks first", allow_inf_nan=False)
+    score: float = Field(description="Higher ranks first. retrieve and hybrid: the retrieval model's dot-product "
+                                     "score; generate: the beam's log-probability under the length penalty",
+                         allow_inf_nan=False)
+    source: Literal["retrieved", "generated", "both"] = Field(
+        "retrieved", description="Where the caption came from: the index, the generator, or both (hybrid)")
+    generation_score: float | None = Field(None, description="The beam score of a generated caption",
+                                           allow_inf_nan=False)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -67,6 +87,17 @@ class ModelInfo(BaseModel):
     personalities: int = Field(0, description="Personalities the model knows (0: it ranks for the photo alone)")
 
 
+class GeneratorInfo(BaseModel):
+    name: str
+    family: str = Field(description="showtell, showatttell or updown")
+    cell: str = Field(description="The recurrent cell: rnn, gru or lstm")
+    version: str = Field(description="Short hash of the generator's weights")
+    description: str = Field("", description="What the generator is, in words")
+    personalities: int = Field(0, description="Personalities it is conditioned on (0: none)")
+    beam_size: int = Field(description="Default beam width")
+    max_length: int = Field(description="Default most words per caption")
+
+
 class IndexPlacement(BaseModel):
     kind: Literal["cpu", "gpu", "sharded", "replicated"] = Field(
         description="Where the index is searched: CPU, one GPU, split over several, or a copy on each")
@@ -82,21 +113,31 @@ class IndexInfo(BaseModel):
 
 
 class Timings(BaseModel):
+    """Per-stage times; a stage the request's mode skips is null."""
+
     decode_ms: float
-    encode_queue_ms: float
-    encode_ms: float
-    search_queue_ms: float
-    search_ms: float
+    encode_queue_ms: float | None = None
+    encode_ms: float | None = None
+    search_queue_ms: float | None = None
+    search_ms: float | None = None
+    generate_queue_ms: float | None = None
+    generate_ms: float | None = None
+    rescore_queue_ms: float | None = None
+    rescore_ms: float | None = None
     total_ms: float
-    encode_batch_size: int = Field(description="Requests encoded together with this one")
-    search_batch_size: int
+    encode_batch_size: int | None = Field(None, description="Requests encoded together with this one")
+    search_batch_size: int | None = None
+    generate_batch_size: int | None = None
+    decode_steps: int | None = Field(None, description="Beam-search steps of the decode holding this request")
 
 
 class CaptionsResponse(BaseModel):
     results: list[PersonalityRanking] = Field(description="One ranked list per requested personality, in order")
     k: int
+    mode: Mode = "retrieve"
     model: ModelInfo
     index: IndexInfo
+    generator: GeneratorInfo | None = Field(None, description="The caption generator (generate and hybrid)")
     timings: Timings
 
 
@@ -126,6 +167,8 @@ class ReadyResponse(BaseModel):
     ready: bool
     model: ModelInfo | None = None
     index: IndexInfo | None = None
+    generator: GeneratorInfo | None = Field(None, description="The caption generator served beside retrieval "
+                                                               "(null: modes generate and hybrid are off)")
     index_fallback: IndexFallback | None = Field(
         None, description="Set when CURRENT named a version that failed verification at start-up and an older "
                           "verified one is served; fix with `transresnet index rollback ROOT` and reload")

@@ -43,6 +43,17 @@ class ServiceSettings(BaseSettings):
     INDEX_ROOT (not a version directory: start-up fails; not the embedded demo: ignored with a warning).
     None = only reload when asked."""
 
+    generator: Path | None = None
+    """A caption-generator checkpoint (``transresnet train`` with a showtell, showatttell or updown config
+    writes RUN/best), served beside the retrieval pair: POST /v1/captions ``mode`` generate or hybrid. Loaded
+    once at start-up; a reload of the retrieval pair keeps it. None = retrieval only."""
+    max_beam_size: int = Field(8, ge=1, le=64)
+    """Largest beam a request may ask for (decode cost grows with it)."""
+    max_generate_length: int = Field(30, ge=1, le=100)
+    """Most words a request may ask a generated caption to have."""
+    max_generate_batch: int = Field(8, ge=1)
+    """Most photos decoded together by beam search (each with all its personalities and beams)."""
+
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     """Largest accepted image file (413 above it)."""
     max_pixels: int = Field(16_777_216, ge=64)
@@ -133,6 +144,10 @@ class ServiceSettings(BaseSettings):
     @property
     def effective_max_batch(self) -> int:
         return self.max_batch if self.batching else 1
+
+    @property
+    def effective_max_generate_batch(self) -> int:
+        return self.max_generate_batch if self.batching else 1
 
     @property
     def effective_max_search_batch(self) -> int:

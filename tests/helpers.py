@@ -148,3 +148,53 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def generator_tree(**model: object) -> dict:
+    """A tiny UpDown generator over a random test_resnet at 48 px (the retrieval tiny model uses 32 px, so
+    the service preprocesses one upload twice), with the tiny model's traits."""
+    return {
+        "name": "tiny-generator",
+        "model": {
+            "family": "updown",
+            "image": {"backbone": "test_resnet", "image_size": 48, "resize_size": 48, "freeze_backbone": True},
+            "decoder": {"cell": "lstm", "embed_dim": 16, "hidden_dim": 32, "feature_dim": 16, "attention_dim": 16,
+                        "trait_dim": 8, "dropout": 0.0, "vocab": {"min_count": 1},
+                        "decoding": {"beam_size": 3, "max_length": 12}},
+            **model,
+        },
+        "train": {"device": "cpu", "seed": 0},
+    }
+
+
+def train_tiny_generator(out: Path, steps: int = 120) -> Path:
+    """A tiny generator taught the service captions in their voices (a trait -> its voice; the photo is
+    ignored by the data, not by the model), saved as a checkpoint; returns its directory."""
+    from transresnet.config import build_config
+    from transresnet.generation.checkpoint import CaptionModel, save_generator
+    from transresnet.generation.data import Example, teacher_forcing
+    from transresnet.generation.train import caption_loss
+    from transresnet.generation.vocab import Vocabulary
+    from transresnet.traits import TraitVocab
+
+    torch.manual_seed(0)
+    captions = service_captions()
+    config = build_config(generator_tree())
+    model = CaptionModel(config, Vocabulary.build(captions, min_count=1), TraitVocab(TINY_TRAITS),
+                         load_backbone_weights=False)
+    voices = [trait for trait in VOICES for _ in SUBJECTS]
+    slots = model.trait_slots(voices)
+    examples = [Example(0, slot, model.vocab.encode(text)) for slot, text in zip(slots, captions, strict=True)]
+    pixels = torch.from_numpy(np.stack([random_pixels((48, 48), seed=i) for i in range(len(examples))]))
+    grid = model.grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0)
+    inputs, targets = teacher_forcing(examples, torch.device("cpu"))
+    traits = torch.tensor([e.trait for e in examples])
+    optimizer = torch.optim.Adam(model.decoder.parameters(), lr=0.02)
+    model.decoder.train()
+    for _ in range(steps):
+        loss = caption_loss(model.decoder(grid, traits, inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.decoder.eval()
+    return save_generator(model, out, metrics={"train_loss": float(loss.detach())})

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -15,15 +15,18 @@ from starlette.types import Receive
 
 from ..bundle import Bundle
 from ..deps import ResourcesDep
-from ..errors import ClientDisconnected, InvalidRequest, RequestTimeout, UnknownPersonality
+from ..errors import ClientDisconnected, GeneratorUnavailable, InvalidRequest, RequestTimeout, UnknownPersonality
+from ..generating import Candidate, Generator
 from ..imaging import supported_formats
 from ..parsing import CaptionsInput, parse_captions_request
-from ..ranking import Ranking
+from ..ranking import Captioning, CaptionPlan
 from ..schemas import (
+    MODE_DESCRIPTION,
     CaptionHit,
     CaptionsJSONRequest,
     CaptionsResponse,
     ErrorResponse,
+    GeneratorInfo,
     IndexInfo,
     ModelInfo,
     PersonalityRanking,
@@ -52,6 +55,13 @@ _FORM_SCHEMA = {
                         "description": "Repeat the field for several personalities; required when the model "
                                        "has personalities (a model without any ranks for the photo alone)"},
         "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
+        "mode": {"type": "string", "enum": ["retrieve", "generate", "hybrid"], "default": "retrieve",
+                 "description": MODE_DESCRIPTION},
+        "beam_size": {"type": "integer", "minimum": 1, "maximum": 64,
+                      "description": "Beam width for generate and hybrid (at most the server's max_beam_size)"},
+        "max_length": {"type": "integer", "minimum": 1, "maximum": 100,
+                       "description": "Most words per generated caption (at most the server's "
+                                      "max_generate_length)"},
     },
 }
 
@@ -82,7 +92,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "Neither multipart/form-data nor JSON"},
     422: {"model": ErrorResponse, "description": "Invalid image (accepted: " + _FORMATS_TEXT + "), two image "
                                                  "parts, unknown personality, too many personalities, k out of "
-                                                 "range, missing field, malformed base64"},
+                                                 "range, missing field, malformed base64, beam size or length "
+                                                 "over the server's limits, or mode generate / hybrid on a "
+                                                 "server without a generator (error generator_unavailable)"},
     431: {"model": ErrorResponse, "description": "Request headers too large or too many (the size limit is "
                                                  "answered by the server in plain text)"},
     503: {"model": ErrorResponse, "description": "Model and index not loaded yet, too many requests in flight, "
@@ -106,21 +118,27 @@ def requested_personalities(bundle: Bundle, names: Sequence[str]) -> list[str]:
 
 
 def resolve_personalities(bundle: Bundle, names: Sequence[str], limit: int) -> list[int]:
-    from transresnet.traits import UnknownTraitError
-
     if len(names) > limit:
         raise InvalidRequest(f"{len(names)} personalities asked for; at most {limit} per request",
                              problems=[{"field": "personality", "message": f"at most {limit}"}])
+    return _slots(bundle.traits.lookup, names, "")
+
+
+def _slots(lookup: Callable[[str], int], names: Sequence[str], whose: str) -> list[int]:
+    """Each name's slot; every unknown name is reported in one 422, with the closest known traits."""
+    from transresnet.traits import UnknownTraitError
+
     slots: list[int] = []
     unknown: list[UnknownTraitError] = []
     for name in names:
         try:
-            slots.append(bundle.traits.lookup(name))
+            slots.append(lookup(name))
         except UnknownTraitError as err:
             unknown.append(err)
     if unknown:
         suggestions = list(dict.fromkeys(s for err in unknown for s in err.suggestions))
-        raise UnknownPersonality("; ".join(str(err) for err in unknown) + ". GET /v1/personalities lists them all",
+        raise UnknownPersonality(whose + "; ".join(str(err) for err in unknown) +
+                                 ". GET /v1/personalities lists them all",
                                  suggestions=suggestions,
                                  problems=[{"field": "personality", "message": str(err)} for err in unknown])
     return slots
@@ -140,29 +158,75 @@ def _finite(hits: Sequence[Any], bundle: Bundle) -> list[Any]:
     return kept
 
 
-def build_response(bundle: Bundle, names: Sequence[str], slots: Sequence[int], k: int,
-                   ranking: Ranking) -> CaptionsResponse:
-    results = [
-        PersonalityRanking(requested=name, personality=_trait_label(bundle, slot),
-                           captions=[CaptionHit(id=str(h.id), caption=h.caption, score=float(h.score),
-                                                metadata=dict(h.metadata or {})) for h in _finite(hits, bundle)])
-        for name, slot, hits in zip(names, slots, ranking.hits, strict=True)
-    ]
-    ms = {f"{stage}_ms": round(seconds * 1000.0, 3) for stage, seconds in ranking.timings_s.items()}
+def generator_slots(generator: Generator, names: Sequence[str]) -> list[int]:
+    """The generator's slots for the personalities (all 0 when it has no personality input: the names were
+    checked against the retrieval model's traits already)."""
+    if not generator.uses_traits:
+        return [0] * len(names)
+    return _slots(generator.traits.lookup, names, "the caption generator does not know ")
+
+
+def _check_limit(value: int | None, limit: int, field: str, setting: str) -> None:
+    if value is not None and value > limit:
+        message = f"{field} {value} is over this server's limit of {limit} (TRANSRESNET_{setting.upper()})"
+        raise InvalidRequest(message, problems=[{"field": field, "message": f"at most {limit}"}])
+
+
+def plan_request(resources: Any, query: CaptionsInput) -> tuple[list[str], CaptionPlan]:
+    """The personalities as asked and what the pipeline must do for them; bad requests raise their 4xx."""
+    settings = resources.settings
+    bundle = resources.bundle  # held for the whole request: a reload never changes it under us
+    names = requested_personalities(bundle, query.personalities)
+    slots = tuple(resolve_personalities(bundle, names, settings.max_personalities))
+    k = min(query.k, len(bundle.index))
+    if query.mode == "retrieve":
+        return names, CaptionPlan("retrieve", bundle, slots, k)
+    generator = resources.generator
+    if generator is None:
+        how = ("this server has no caption generator: use mode 'retrieve', or start it with --generator RUN/best "
+               "(TRANSRESNET_GENERATOR)")
+        raise GeneratorUnavailable(f"mode {query.mode!r} needs a caption generator; {how}",
+                                   problems=[{"field": "mode", "message": how}])
+    _check_limit(query.beam_size, settings.max_beam_size, "beam_size", "max_beam_size")
+    _check_limit(query.max_length, settings.max_generate_length, "max_length", "max_generate_length")
+    decoding = generator.decoding(query.beam_size or min(generator.default_decoding.beam_size, settings.max_beam_size),
+                                  query.max_length or min(generator.default_decoding.max_length,
+                                                          settings.max_generate_length))
+    plan = CaptionPlan(query.mode, bundle, slots, query.k, generator, tuple(generator_slots(generator, names)),
+                       decoding)
+    return names, plan
+
+
+def _hit(candidate: Candidate) -> CaptionHit:
+    return CaptionHit(id=candidate.id, caption=candidate.caption, score=candidate.score, source=candidate.source,
+                      generation_score=candidate.generation_score, metadata=candidate.metadata)
+
+
+def build_response(plan: CaptionPlan, names: Sequence[str], k: int, captioning: Captioning) -> CaptionsResponse:
+    bundle = plan.bundle
+    results = [PersonalityRanking(requested=name, personality=_trait_label(bundle, slot),
+                                  captions=[_hit(c) for c in _finite(candidates, bundle)])
+               for name, slot, candidates in zip(names, plan.trait_ids, captioning.candidates, strict=True)]
+    ms = {f"{stage}_ms": round(seconds * 1000.0, 3) for stage, seconds in captioning.timings_s.items()}
+    sizes = {f"{stage}_batch_size": size for stage, size in captioning.batch_sizes.items() if stage != "rescore"}
+    generator = GeneratorInfo(**plan.generator.info) if plan.generator is not None else None
     return CaptionsResponse(
-        results=results, k=k, model=ModelInfo(**bundle.model_info), index=IndexInfo(**bundle.index_info),
-        timings=Timings(**ms, encode_batch_size=ranking.encode_batch, search_batch_size=ranking.search_batch))
+        results=results, k=k, mode=plan.mode, model=ModelInfo(**bundle.model_info),  # type: ignore[arg-type]
+        index=IndexInfo(**bundle.index_info), generator=generator,
+        timings=Timings(**ms, **sizes, decode_steps=captioning.decode_steps))
 
 
 @router.post(
     "/captions",
     response_model=CaptionsResponse,
-    summary="Rank captions for a photo in one or more personalities",
+    response_model_exclude_none=True,  # the stages and fields a mode does not use are left out, not null
+    summary="Captions for a photo in one or more personalities: ranked, generated or both",
     responses=_ERRORS,
     openapi_extra={"requestBody": _REQUEST_BODY},
     description="Send a photo and personalities as multipart/form-data (`image`, `personality` repeated, `k`) "
                 "or as JSON (`image_base64`, `personality`, `k`). The image is encoded once for all "
-                f"personalities. Accepted image formats: {_FORMATS_TEXT}. Beyond the server's limit of "
+                f"personalities. Accepted image formats: {_FORMATS_TEXT}. `mode`: {MODE_DESCRIPTION}; "
+                "`beam_size` and `max_length` tune the beam search. Beyond the server's limit of "
                 "requests in flight the answer is 503 with Retry-After, at once.",
 )
 async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsResponse:
@@ -172,13 +236,10 @@ async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsRe
         raise resources.ranker.admission.refusal(close=not drained)
     with resources.ranker.admission.slot():  # 503 at once when full: before a byte of the body is read
         query = await _read_request(request, settings)
-        bundle = resources.bundle  # held for the whole request: a reload never changes it under us
-        names = requested_personalities(bundle, query.personalities)
-        slots = resolve_personalities(bundle, names, settings.max_personalities)
-        k = min(query.k, len(bundle.index))
-        ranking = await until_disconnected(request, resources.ranker.rank(bundle, query.image, slots, k))
-    resources.metrics.personalities.inc(len(slots))
-    return build_response(bundle, names, slots, query.k, ranking)
+        names, plan = plan_request(resources, query)
+        captioning = await until_disconnected(request, resources.ranker.caption(plan, query.image))
+    resources.metrics.personalities.inc(len(names))
+    return build_response(plan, names, query.k, captioning)
 
 
 DRAIN_BYTES = 1 << 20

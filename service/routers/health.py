@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..schemas import HealthResponse, IndexFallback, IndexInfo, ModelInfo, ReadyResponse
+from ..schemas import GeneratorInfo, HealthResponse, IndexFallback, IndexInfo, ModelInfo, ReadyResponse
 
 router = APIRouter(tags=["health"])
 
@@ -23,5 +23,7 @@ async def readyz(request: Request) -> ReadyResponse | JSONResponse:
         return JSONResponse(ReadyResponse(ready=False).model_dump(), status_code=503)
     bundle = resources.bundle
     fallback = bundle.index_fallback
+    generator = resources.generator
     return ReadyResponse(ready=True, model=ModelInfo(**bundle.model_info), index=IndexInfo(**bundle.index_info),
+                         generator=GeneratorInfo(**generator.info) if generator is not None else None,
                          index_fallback=IndexFallback(**fallback) if fallback else None)

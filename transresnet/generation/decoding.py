@@ -29,6 +29,16 @@ NEG_INF = float("-inf")
 
 
 @dataclass
+class DecodeStats:
+    """What a decode cost, for callers that report it (the service's decode-step histogram)."""
+
+    steps: int = 0
+    """Decoder steps run (one per generated position, over the whole batch)."""
+    rows: int = 0
+    """Rows decoded (beam search: hypotheses per step = rows x beam size)."""
+
+
+@dataclass
 class Hypothesis:
     tokens: list[int]
     """Word ids, without <bos> and <eos>."""
@@ -148,9 +158,12 @@ def _sequential(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids: torch.Te
 
 @torch.no_grad()
 def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids: torch.Tensor, options: DecodingConfig, *,
-                n_best: int = 1) -> list[list[Hypothesis]]:
-    """The ``n_best`` best finished captions per row, best first (see the module doc)."""
+                n_best: int = 1, stats: DecodeStats | None = None) -> list[list[Hypothesis]]:
+    """The ``n_best`` best finished captions per row, best first (see the module doc); ``stats`` is filled
+    with the steps run."""
     rows, width = grid.shape[0], options.beam_size
+    stats = stats if stats is not None else DecodeStats()
+    stats.rows = rows
     n_best = min(n_best, width)
     bound_penalty = length_penalty(options.max_length + 1, options.length_penalty, options.alpha)
     with eval_mode(decoder):
@@ -164,6 +177,7 @@ def beam_search(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids: torch.Te
         done = [False] * rows
         tokens = torch.full((rows * width,), BOS_ID, dtype=torch.long, device=grid.device)
         for step in range(options.max_length + 1):
+            stats.steps = step + 1
             logp, state = _step_logp(decoder, tokens, state, ctx)
             logp = restrict(logp, step, [h for row in histories for h in row], options)
             vocab = logp.shape[-1]
