@@ -21,6 +21,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
         "follow_index": args.follow_index, "index_placement": args.index_placement,
+        "generator": args.generator, "max_beam_size": args.max_beam_size,
     }
     if args.no_batching:
         values["batching"] = False
@@ -79,6 +80,22 @@ def _ensure_demo(args: argparse.Namespace, demo_dir: Path) -> tuple[Path, Path]:
     return ensure_demo(demo_dir, name, data=args.data)
 
 
+def check_generator(path: Path) -> None:
+    """A --generator names an intact caption-generator checkpoint: said in one line before the server starts."""
+    from transresnet.checkpoint import read_meta, verify_checksums
+    from transresnet.generation.checkpoint import REQUIRED
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"generator {path} not found: train one with `transresnet train --config "
+                                "configs/flickr8k_updown.yaml --out RUN` and pass RUN/best")
+    meta = read_meta(path, required_files=())
+    if meta.get("kind") != "generator":
+        raise ValueError(f"{path} is not a caption-generator checkpoint (meta.json kind {meta.get('kind')!r}): "
+                         "--generator takes a showtell, showatttell or updown run's best/, --checkpoint the "
+                         "retrieval one")
+    verify_checksums(path, read_meta(path, required_files=REQUIRED))
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -98,6 +115,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     _check_paths(settings.checkpoint, settings.index_root)
     check_servable(settings.checkpoint, settings.index_root)
+    if settings.generator is not None:
+        check_generator(settings.generator)
 
     from transresnet.service.main import create_app
     from transresnet.service.server import server_options
@@ -145,6 +164,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="--demo flickr8k: photo folder in the CSV layout (captions.csv image,split,caption and "
                             "images/), e.g. ../shared/data/flickr8k-1k; another folder builds another demo")
     serve.add_argument("--demo-dir", type=Path, help="cache of the embedded demos (default .cache/demo)")
+    serve.add_argument("--generator", type=Path, metavar="DIR",
+                       help="a caption-generator checkpoint (e.g. runs/flickr8k_updown/best) served beside "
+                            "retrieval: POST /v1/captions mode=generate or mode=hybrid")
+    serve.add_argument("--max-beam-size", type=int, help="largest beam a request may ask for (default 8)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn and service log level (default info)")
     serve.set_defaults(func=_serve)
