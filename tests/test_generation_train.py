@@ -17,6 +17,15 @@ from transresnet.generation.train import GeneratorTrainer, train_generator
 from transresnet.traits import UnknownTraitError
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one torch thread is faster than two contending ones (and than other processes' threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def generator_tree(dataset: Path, cache: Path, **model: object) -> dict:
     """UpDown over a frozen random-init test_resnet (2 x 2 grid at 64 px) on the synthetic voices."""
     return {
@@ -134,8 +143,16 @@ def test_generator_configs_validate(synthetic_dataset: Path, tmp_path: Path) -> 
     tree["model"]["image"]["freeze_backbone"] = False
     with pytest.raises(ConfigError, match="freeze_backbone"):
         build_config(tree)
-    with pytest.raises(ValueError, match="resume"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train_generator(build_config(generator_tree(synthetic_dataset, tmp_path)), tmp_path, resume=True)
+    retrieval = generator_tree(synthetic_dataset, tmp_path, family="retrieval")
+    retrieval["train"]["scheduled_sampling"] = {"max_prob": 0.25}
+    with pytest.raises(ConfigError, match="caption generators"):
+        build_config(retrieval)
+    tree = generator_tree(synthetic_dataset, tmp_path)
+    tree["train"]["pretrain"] = {"captions": "pool.csv", "bpt": 3}
+    with pytest.raises(ConfigError, match="did you mean train.pretrain.bptt"):
+        build_config(tree)
 
 
 def test_grid_features_are_cached_under_their_own_key_and_pool_to_the_vectors(tmp_path: Path) -> None:
@@ -169,3 +186,107 @@ def test_character_level_decoder_trains_with_the_same_loop(synthetic_dataset: Pa
     assert loaded.model.vocab.level == "char" and " " in loaded.model.vocab.tokens
     assert len(loaded.model.vocab) < 60  # characters, not words
     assert isinstance(result.report["val"]["cider_d"], float)
+
+
+# ------------------------------------------------------------------------------ scheduled sampling, resume
+
+
+def test_the_sampling_probability_ramps_linearly_to_its_maximum() -> None:
+    from transresnet.config import ScheduledSamplingConfig
+    from transresnet.generation.train import sampling_probability
+
+    ramp = ScheduledSamplingConfig(max_prob=0.25, start_epoch=2, ramp_epochs=4)
+    assert [sampling_probability(ramp, e) for e in range(8)] == [0, 0, 0.0625, 0.125, 0.1875, 0.25, 0.25, 0.25]
+    assert sampling_probability(ScheduledSamplingConfig(max_prob=0.3, ramp_epochs=0), 0) == 0.3
+    assert sampling_probability(ScheduledSamplingConfig(), 10) == 0.0  # off by default
+
+
+@pytest.mark.parametrize("family", ["updown", "showtell"])
+def test_scheduled_sampling_at_zero_is_teacher_forcing_and_at_one_ignores_the_gold(family: str) -> None:
+    from transresnet.config import DecoderConfig
+    from transresnet.generation.models import create_decoder
+    from transresnet.generation.train import scheduled_sampling_logits
+
+    cfg = DecoderConfig(embed_dim=8, hidden_dim=16, feature_dim=12, attention_dim=8, trait_dim=4, dropout=0.0)
+    torch.manual_seed(0)
+    decoder = create_decoder(family, cfg, vocab_size=12, grid_dim=6, trait_slots=3).eval()
+    grid, traits = torch.randn(3, 4, 6), torch.tensor([0, 1, 2])
+    gold = torch.tensor([[1, 4, 5, 6, 7], [1, 8, 9, 0, 0], [1, 10, 11, 5, 0]])
+    other = torch.tensor([[1, 7, 6, 5, 4], [1, 11, 10, 0, 0], [1, 4, 4, 4, 0]])
+    forced = decoder(grid, traits, gold)
+    assert torch.equal(scheduled_sampling_logits(decoder, grid, traits, gold, 0.0), forced)
+    for feed in ("argmax", "sample"):
+        torch.manual_seed(1)
+        own = scheduled_sampling_logits(decoder, grid, traits, gold, 1.0, feed)
+        torch.manual_seed(1)
+        assert torch.equal(scheduled_sampling_logits(decoder, grid, traits, other, 1.0, feed), own)
+        assert not torch.allclose(own[:, 1:], forced[:, 1:])
+        assert torch.equal(own[:, 0], forced[:, 0])  # the first step always sees <bos>
+
+
+def _tiny_tree(dataset: Path, cache: Path, **train: object) -> dict:
+    tree = generator_tree(dataset, cache)
+    tree["train"].update({"epochs": 3, "max_steps_per_epoch": 3, "patience": 8, **train})
+    return tree
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+
+
+def test_scheduled_sampling_off_trains_exactly_as_teacher_forcing(synthetic_dataset: Path, tmp_path: Path) -> None:
+    plain = train_generator(build_config(_tiny_tree(synthetic_dataset, tmp_path / "cache", epochs=1)),
+                            tmp_path / "plain")
+    # Configured but not started yet in the first epoch (p = 0): the same run, weight for weight.
+    late = _tiny_tree(synthetic_dataset, tmp_path / "cache", epochs=1,
+                      scheduled_sampling={"max_prob": 0.5, "start_epoch": 3})
+    waiting = train_generator(build_config(late), tmp_path / "waiting")
+    _assert_same_weights(plain.out_dir / "last", waiting.out_dir / "last")
+    on = _tiny_tree(synthetic_dataset, tmp_path / "cache", epochs=1, scheduled_sampling={"max_prob": 0.5,
+                                                                                         "ramp_epochs": 0})
+    sampled = train_generator(build_config(on), tmp_path / "sampled")
+    assert not torch.equal(_weights(plain.out_dir / "last")["decoder.out.weight"],
+                           _weights(sampled.out_dir / "last")["decoder.out.weight"])
+    assert json.loads((tmp_path / "sampled" / "metrics.jsonl").read_text())["sampling"] == 0.5
+
+
+@pytest.mark.parametrize("stop_after", [0, 2])
+def test_a_resumed_run_ends_with_the_uninterrupted_weights(synthetic_dataset: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, stop_after: int) -> None:
+    """Killed after pretraining (0) or after epoch 2 of 3, then resumed: the same best and last weights, the
+    same metrics, with dropout, pretraining and scheduled sampling all drawing random numbers."""
+    tree = _tiny_tree(synthetic_dataset, tmp_path / "cache",
+                      pretrain={"captions": str(synthetic_dataset), "bptt": 6, "epochs": 2, "batch_size": 16,
+                                "max_steps_per_epoch": 4},
+                      scheduled_sampling={"max_prob": 0.3, "ramp_epochs": 2})
+    config = build_config(tree)
+    whole = train_generator(config, tmp_path / "whole")
+
+    real_epoch = GeneratorTrainer.train_epoch
+
+    def killed(self: GeneratorTrainer, epoch: int) -> float:
+        if epoch == stop_after:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(GeneratorTrainer, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(config, tmp_path / "resumed")
+    monkeypatch.setattr(GeneratorTrainer, "train_epoch", real_epoch)
+    resumed = train_generator(config, tmp_path / "resumed", resume=True)
+
+    for name in ("best", "last"):
+        _assert_same_weights(whole.out_dir / name, resumed.out_dir / name)
+    lines = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+             for run in (whole.out_dir, resumed.out_dir)]
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in run] for run in lines]
+    assert strip[0] == strip[1] and [r.get("epoch") for r in lines[0]] == [None, None, 1, 2, 3]
+    assert resumed.report["best_epoch"] == whole.report["best_epoch"]

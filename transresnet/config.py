@@ -190,6 +190,47 @@ class DataConfig(_Strict):
     file does not exist yet, so the config trains as written on a fresh clone; None = never."""
 
 
+class PretrainConfig(_Strict):
+    """Generators: language-model pretraining of the decoder on a caption pool, before captioning.
+
+    The pool's captions are one token stream (``<bos> w1 .. wn <eos>`` per caption, shuffled per epoch) cut
+    into ``batch_size`` parallel streams and trained ``bptt`` steps at a time (truncated backpropagation
+    through time) with no image. Captions of any val or test image are excluded by image id and file stem.
+    """
+
+    captions: str | None = None
+    """Caption pool (CSV with an image column, Personality-Captions JSON or Karpathy dataset.json);
+    None = no pretraining."""
+    split: str | None = None
+    """Read only this split of the pool; None = every record (held-out images are excluded either way)."""
+    bptt: int = Field(35, ge=1)
+    """Steps per truncated-BPTT chunk; the hidden state carries over, detached, between chunks."""
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Parallel streams the token stream is split into."""
+    lr: float = Field(1e-3, gt=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    """Chunks per epoch at most (None = the whole stream)."""
+
+
+class ScheduledSamplingConfig(_Strict):
+    """Generators: scheduled sampling (Bengio et al. 2015) during teacher forcing.
+
+    At epoch e (counted from 0) each input token after ``<bos>`` is the model's own previous prediction
+    instead of the gold token with probability ``max_prob * min(1, (e - start_epoch + 1) / ramp_epochs)``
+    from ``start_epoch`` on (``max_prob`` at once when ``ramp_epochs`` is 0), else 0.
+    """
+
+    max_prob: float = Field(0.0, ge=0.0, le=1.0)
+    """Highest probability of feeding the model's prediction; 0 = off (plain teacher forcing)."""
+    start_epoch: int = Field(0, ge=0)
+    """Epochs of plain teacher forcing before the ramp starts."""
+    ramp_epochs: int = Field(5, ge=0)
+    """Epochs over which the probability rises linearly to max_prob."""
+    feed: Literal["sample", "argmax"] = "sample"
+    """The prediction fed back: drawn from the model's distribution (the paper) or its most likely token."""
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -212,6 +253,10 @@ class TrainConfig(_Strict):
     """Generators: label smoothing of the word cross entropy."""
     grad_clip: float | None = Field(5.0, gt=0.0)
     """Generators: clip the gradient norm to this (None = no clipping)."""
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    """Generators: language-model pretraining of the decoder (off unless pretrain.captions is set)."""
+    scheduled_sampling: ScheduledSamplingConfig = Field(default_factory=ScheduledSamplingConfig)
+    """Generators: scheduled sampling (off while max_prob is 0)."""
 
 
 class ExperimentConfig(_Strict):
@@ -227,6 +272,10 @@ class ExperimentConfig(_Strict):
         if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
             raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
                              "read cached grid features)")
+        generator_only = self.train.pretrain.captions or self.train.scheduled_sampling.max_prob
+        if self.model.family == "retrieval" and generator_only:
+            raise ValueError("train.pretrain and train.scheduled_sampling are for caption generators (model.family "
+                             "showtell, showatttell or updown), not retrieval")
         return self
 
 

@@ -29,7 +29,8 @@ def check_inputs(config: ExperimentConfig) -> None:
 
     named = {"data.train": data.train, "data.val": data.val, "data.test": data.test,
              "model.image.weights": image.weights,
-             "model.personality.traits_file": config.model.personality.traits_file}
+             "model.personality.traits_file": config.model.personality.traits_file,
+             "train.pretrain.captions": config.train.pretrain.captions}
     for key, path in named.items():
         if path and not will_exist(path) and not Path(path).exists():
             raise FileNotFoundError(f"{key} names {path}, which does not exist (set it with --set {key}=PATH)")

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,15 +113,20 @@ def fingerprint(model: CaptionModel) -> str:
     return state_dict_digest(model, digest).hexdigest()[:32]
 
 
-def write_generator(model: CaptionModel, folder: Path, *, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_generator(model: CaptionModel, folder: Path, *, metrics: dict[str, Any] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Write the checkpoint's files into the empty ``folder``; ``extra(folder)`` adds more (a training state),
+    checksummed in ``meta.json`` with the rest."""
     save_model(model, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(dump_config(model.config))
     (folder / TRAITS).write_text(model.traits.to_json())
     (folder / VOCAB).write_text(model.vocab.to_json())
+    if extra is not None:
+        extra(folder)
     meta = {"format_version": 1, "kind": "generator", "generator_format": GENERATOR_FORMAT,
             "family": model.config.model.family, "fingerprint": fingerprint(model),
             "embed_dim": model.config.model.decoder.hidden_dim, "created": utc_timestamp(), "metrics": metrics or {},
-            "files": {name: sha256_file(folder / name) for name in REQUIRED}}
+            "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != META}}
     (folder / META).write_text(json.dumps(meta, indent=1))
     return meta
 

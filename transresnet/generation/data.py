@@ -76,3 +76,48 @@ def teacher_forcing(batch: Sequence[Example], device: torch.device) -> tuple[tor
         inputs[i, : len(e.tokens) + 1] = torch.tensor([BOS_ID, *e.tokens])
         targets[i, : len(e.tokens) + 1] = torch.tensor([*e.tokens, EOS_ID])
     return inputs.to(device), targets.to(device)
+
+
+# ------------------------------------------------------------------------------ language-model pretraining
+
+
+def image_keys(image_id: str) -> set[str]:
+    """The names an image id matches by: its file name and its stem, lower case (``a/B.jpg#2`` -> b.jpg, b).
+
+    Pools write ids differently (``x.jpg``, ``images/x.jpg``, Flickr's ``x.jpg#0``, a bare stem), so held-out
+    images are matched by both.
+    """
+    name = Path(image_id.split("#", 1)[0].strip().replace("\\", "/")).name.lower()
+    return {name, Path(name).stem} - {""}
+
+
+def exclude_images(records: Sequence[CaptionRecord], held_out: Sequence[CaptionRecord]
+                   ) -> tuple[list[CaptionRecord], int]:
+    """``records`` without those of any image in ``held_out`` (by file name or stem), and how many went."""
+    banned = set().union(*(image_keys(r.image_id) for r in held_out)) if held_out else set()
+    kept = [r for r in records if not image_keys(r.image_id) & banned]
+    return kept, len(records) - len(kept)
+
+
+def token_stream(captions: Sequence[str], vocab: Vocabulary) -> torch.Tensor:
+    """Captions as one stream ``<bos> w1 .. wn <eos> <bos> ...`` of token ids (1-D, long)."""
+    ids: list[int] = []
+    for caption in captions:
+        ids += [BOS_ID, *vocab.encode(caption), EOS_ID]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def parallel_streams(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A 1-D stream cut into ``batch_size`` contiguous rows (B, N // B); the remainder is dropped."""
+    width = stream.numel() // batch_size
+    if width < 2:
+        raise ValueError(f"a stream of {stream.numel()} tokens is too short for {batch_size} parallel streams of "
+                         "at least 2 tokens; lower train.pretrain.batch_size or give more captions")
+    return stream[: width * batch_size].view(batch_size, width)
+
+
+def bptt_chunks(streams: torch.Tensor, bptt: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) windows of ``bptt`` steps along the rows; targets are the inputs shifted by one."""
+    last = streams.shape[1] - 1
+    return [(streams[:, i:i + min(bptt, last - i)], streams[:, i + 1:i + 1 + min(bptt, last - i)])
+            for i in range(0, last, bptt)]

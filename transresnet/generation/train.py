@@ -5,6 +5,16 @@ shuffles the (image, trait, caption) examples, minimises the word cross entropy 
 with clipped gradients, then captions the validation queries greedily and scores them. The best epoch by
 val CIDEr-D is ``OUT/best``, the latest ``OUT/last``; training stops after ``train.patience`` epochs
 without improvement. The report scores ``best`` with the config's decoding (beam search by default).
+
+Optional, both off by default: language-model pretraining of the decoder on a caption pool before the first
+epoch (``train.pretrain``, :mod:`transresnet.generation.pretrain`), and scheduled sampling
+(``train.scheduled_sampling``, Bengio et al. 2015), which feeds the model's own previous prediction instead
+of the gold token with a probability that ramps up over the epochs.
+
+After pretraining and after every epoch a complete training state (weights, optimizer, progress and RNG
+states) is published atomically in ``OUT/states/`` and named by ``OUT/LAST``, with the retrieval trainer's
+helpers (:mod:`transresnet.train`); ``resume=True`` continues from the newest state that verifies and ends
+with the weights an uninterrupted run would have on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +32,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transresnet.checkpoint import WEIGHTS, load_weights
-from transresnet.config import ExperimentConfig, dump_config
+from transresnet.checkpoint import WEIGHTS, CheckpointError, load_weights
+from transresnet.config import ExperimentConfig, ScheduledSamplingConfig, dump_config
 from transresnet.devices import resolve_device
-from transresnet.generation.checkpoint import CaptionModel, save_generator
+from transresnet.generation.checkpoint import VOCAB, CaptionModel, save_generator, write_generator
 from transresnet.generation.data import Example, Query, build_examples, grid_features, group_queries, teacher_forcing
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
-from transresnet.generation.vocab import PAD_ID, Vocabulary
+from transresnet.generation.models import CaptionDecoder
+from transresnet.generation.pretrain import held_out_records, load_pool, pretrain_decoder
+from transresnet.generation.vocab import BOS_ID, PAD_ID, Vocabulary
 from transresnet.progress import progress
-from transresnet.train import build_traits, load_splits, seed_everything
+from transresnet.train import (
+    STATE_JSON,
+    build_traits,
+    find_resume_state,
+    keep_metrics_through,
+    load_splits,
+    load_train_state,
+    publish_state,
+    save_train_state,
+    seed_everything,
+    start_fresh,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +71,64 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
                            label_smoothing=label_smoothing)
 
 
+def sampling_probability(cfg: ScheduledSamplingConfig, epoch: int) -> float:
+    """Scheduled sampling's probability at ``epoch`` (from 0): a linear ramp from ``start_epoch`` to max_prob."""
+    if cfg.max_prob <= 0 or epoch < cfg.start_epoch:
+        return 0.0
+    if cfg.ramp_epochs == 0:
+        return cfg.max_prob
+    return cfg.max_prob * min(1.0, (epoch - cfg.start_epoch + 1) / cfg.ramp_epochs)
+
+
+def scheduled_sampling_logits(decoder: CaptionDecoder, grid: torch.Tensor, traits: torch.Tensor,
+                              inputs: torch.Tensor, prob: float, feed: str = "sample") -> torch.Tensor:
+    """Teacher forcing where each input after ``<bos>`` is, with probability ``prob``, the model's own
+    prediction at the previous step (drawn from its distribution, or its argmax) instead of the gold token.
+
+    Padding positions keep their <pad>, and the fed prediction is never <pad> or <bos> (decoding never
+    emits them either). No gradient flows through the choice, as in Bengio et al. 2015.
+    """
+    ctx = decoder.prepare(grid, traits)
+    state = decoder.initial_state(ctx)
+    token, logits = inputs[:, 0], []
+    for t in range(inputs.shape[1]):
+        out, state = decoder.step(token, state, ctx)
+        logits.append(out)
+        if t + 1 == inputs.shape[1]:
+            break
+        gold = inputs[:, t + 1]
+        with torch.no_grad():
+            never = torch.tensor([PAD_ID, BOS_ID], device=out.device)
+            scores = out.detach().float().index_fill(1, never, float("-inf"))  # a copy: the logits stay intact
+            predicted = (scores.argmax(-1) if feed == "argmax"
+                         else torch.multinomial(scores.softmax(-1), 1).squeeze(1))
+            use = (torch.rand(gold.shape, device=gold.device) < prob) & (gold != PAD_ID)
+        token = torch.where(use, predicted, gold)
+    return torch.stack(logits, dim=1)
+
+
+@dataclass
+class GeneratorProgress:
+    """What a training state records besides weights and optimizer: where the run is and how it stands."""
+
+    epoch: int = 0
+    """Captioning epochs completed."""
+    best_score: float = -1.0
+    """Best val CIDEr-D so far (greedy)."""
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    """Epochs since the last improvement (the patience counter)."""
+    pretrained: bool = False
+    """Language-model pretraining has run (a resumed run never repeats it)."""
+
+
 class GeneratorTrainer:
     def __init__(self, config: ExperimentConfig, out_dir: Path) -> None:
         self.config = config
         self.out_dir = out_dir
         self.device = resolve_device(config.train.device)
         seed_everything(config.train.seed)
-        self.train_records, val_records, _ = load_splits(config)
+        self.train_records, val_records, test_records = load_splits(config)
         vocab_cfg = config.model.decoder.vocab
         vocab = Vocabulary.build([r.caption for r in self.train_records], level=vocab_cfg.level,
                                  min_count=vocab_cfg.min_count, max_size=vocab_cfg.max_size)
@@ -66,10 +140,13 @@ class GeneratorTrainer:
                                       num_workers=config.train.num_workers)
         slots = self.model.trait_slots([r.personality for r in self.train_records])
         self.examples = build_examples(self.train_records, self.image_rows, slots, vocab, vocab_cfg.max_tokens)
+        self.val_records, self.test_records = val_records, test_records
         self.val_queries = group_queries(val_records)
         self.val_slots = self.model.trait_slots([q.trait for q in self.val_queries])
         self.optimizer = torch.optim.Adam(self.model.decoder.parameters(), lr=config.train.lr,
                                           weight_decay=config.train.weight_decay)
+        self.progress = GeneratorProgress()
+        self.pretrain_summary: dict[str, Any] = {}
         logger.info("%s decoder (%s): %d examples over %d images, vocabulary %d %ss, %d traits; val %d queries, "
                     "grid %s, on %s", config.model.family, config.model.decoder.cell, len(self.examples),
                     len({e.image_row for e in self.examples}), len(vocab), vocab.level, len(traits) - 1,
@@ -84,11 +161,15 @@ class GeneratorTrainer:
         limit = self.config.train.max_steps_per_epoch
         return batches[:limit] if limit else batches
 
-    def _step(self, batch: Sequence[Example]) -> float:
+    def _step(self, batch: Sequence[Example], sampling: float = 0.0) -> float:
         inputs, targets = teacher_forcing(batch, self.device)
         grid = self.features[torch.as_tensor([e.image_row for e in batch])].to(self.device)
         traits = torch.as_tensor([e.trait for e in batch], device=self.device)
-        logits = self.model.decoder(grid, traits, inputs)
+        if sampling > 0:
+            logits = scheduled_sampling_logits(self.model.decoder, grid, traits, inputs, sampling,
+                                               self.config.train.scheduled_sampling.feed)
+        else:  # plain teacher forcing, exactly as without scheduled sampling
+            logits = self.model.decoder(grid, traits, inputs)
         loss = caption_loss(logits, targets, self.config.train.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -101,10 +182,11 @@ class GeneratorTrainer:
         self.model.decoder.train()
         losses: list[float] = []
         batches = self._batches(epoch)
+        sampling = sampling_probability(self.config.train.scheduled_sampling, epoch)
         with progress(len(batches), f"epoch {epoch + 1} of {self.config.train.epochs}", "batches") as bar:
             for batch in batches:
-                losses.append(self._step(batch))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                losses.append(self._step(batch, sampling))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"sampling": f"{sampling:.2f}"} if sampling else {}))
                 bar.update(1)
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -120,33 +202,103 @@ class GeneratorTrainer:
         metrics["examples"] = captions[:3]
         return metrics
 
+    # -- pretraining --------------------------------------------------------------------------------
+
+    def pretrain(self) -> dict[str, Any]:
+        """Language-model pretraining of the decoder on ``train.pretrain.captions`` (val/test images excluded);
+        each epoch's perplexities go to metrics.jsonl and the log."""
+        cfg = self.config.train.pretrain
+        pool = load_pool(cfg, held_out_records(self.config, self.val_records, self.test_records))
+
+        def log_epoch(record: dict[str, Any]) -> None:
+            self._append_metrics({"phase": "pretrain", **record, "excluded_held_out": pool.excluded})
+
+        history = pretrain_decoder(self.model.decoder, self.model.vocab, pool.captions, cfg,
+                                   held_out=[r.caption for r in self.val_records],
+                                   grad_clip=self.config.train.grad_clip, seed=self.config.train.seed,
+                                   on_epoch=log_epoch)
+        self.progress.pretrained = True
+        return {"captions": len(pool.captions), "excluded_held_out": pool.excluded, "epochs": history}
+
+    # -- persistence ----------------------------------------------------------------------------------
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _save_state(self, metrics: dict[str, Any]) -> Path:
+        """Weights, optimizer, progress and RNG states as one unit, published atomically (transresnet.train)."""
+        def write(folder: Path) -> None:
+            write_generator(self.model, folder, metrics=metrics,
+                            extra=lambda f: save_train_state(f, self.optimizer, asdict(self.progress)))
+
+        return publish_state(self.out_dir, write, self.progress.epoch)
+
+    def resume(self) -> None:
+        """Continue from the newest complete state: its weights, optimizer, progress and RNG states."""
+        folder = find_resume_state(self.out_dir)
+        if (folder / VOCAB).read_text() != self.model.vocab.to_json():
+            raise CheckpointError(f"{folder} was trained with another caption vocabulary than this config's data "
+                                  "gives; resume with the config and data the run started with")
+        load_weights(self.model, folder / WEIGHTS, against="the model this config builds (resume with the config "
+                                                             "the run started with)")
+        state = load_train_state(folder, self.optimizer)
+        names = [f.name for f in fields(GeneratorProgress)]
+        missing = [k for k in names if k not in state]
+        if missing:
+            raise CheckpointError(f"training state {folder / STATE_JSON} lacks {', '.join(missing)}; "
+                                  "start again without --resume")
+        self.progress = GeneratorProgress(**{k: state[k] for k in names})
+        keep_metrics_through(self.out_dir, self.progress.epoch)
+        logger.info("resumed from %s after epoch %d (best val CIDEr-D %.2f at epoch %d)", folder,
+                    self.progress.epoch, self.progress.best_score, self.progress.best_epoch)
+
+    # -- driver ---------------------------------------------------------------------------------------
+
+    def _after_validation(self, val: dict[str, Any]) -> bool:
+        """Track the best epoch (saving ``best``); True when patience has run out."""
+        progress = self.progress
+        if val["cider_d"] > progress.best_score:
+            progress.best_score, progress.best_epoch, progress.bad_epochs = val["cider_d"], progress.epoch, 0
+            save_generator(self.model, self.out_dir / "best", metrics={"val": val, "epoch": progress.epoch})
+        else:
+            progress.bad_epochs += 1
+        return progress.bad_epochs >= self.config.train.patience
+
+    def _epoch(self) -> bool:
+        """One captioning epoch, validated, recorded and saved as a state; True when training should stop."""
+        start = time.perf_counter()
+        loss = self.train_epoch(self.progress.epoch)
+        self.progress.epoch += 1
+        val = self.validate()
+        stop = self._after_validation(val)
+        epoch = self.progress.epoch
+        save_generator(self.model, self.out_dir / "last", metrics={"val": val, "epoch": epoch})
+        record = {"epoch": epoch, "loss": loss, "val": val, "best": self.progress.best_epoch == epoch,
+                  "sampling": sampling_probability(self.config.train.scheduled_sampling, epoch - 1),
+                  "seconds": round(time.perf_counter() - start, 2)}
+        self._append_metrics(record)
+        self._save_state(record)
+        logger.info("epoch %d: loss %.3f, val greedy BLEU-4 %.2f CIDEr-D %.2f (%.1fs)%s | %s", epoch, loss,
+                    val["bleu_4"], val["cider_d"], record["seconds"], " *best*" if record["best"] else "",
+                    val["examples"][0])
+        if stop:
+            logger.info("early stopping: no val CIDEr-D improvement for %d epochs", self.progress.bad_epochs)
+        return stop
+
     def run(self) -> GeneratorResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(self.config))
-        (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        best, best_epoch, bad, started = float("-inf"), -1, 0, time.perf_counter()
-        for epoch in range(self.config.train.epochs):
-            start = time.perf_counter()
-            loss = self.train_epoch(epoch)
-            val = self.validate()
-            improved = val["cider_d"] > best
-            if improved:
-                best, best_epoch, bad = val["cider_d"], epoch + 1, 0
-                save_generator(self.model, self.out_dir / "best", metrics={"val": val, "epoch": epoch + 1})
-            else:
-                bad += 1
-            save_generator(self.model, self.out_dir / "last", metrics={"val": val, "epoch": epoch + 1})
-            record = {"epoch": epoch + 1, "loss": loss, "val": val, "best": improved,
-                      "seconds": round(time.perf_counter() - start, 2)}
-            with open(self.out_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            logger.info("epoch %d: loss %.3f, val greedy BLEU-4 %.2f CIDEr-D %.2f (%.1fs)%s | %s", epoch + 1, loss,
-                        val["bleu_4"], val["cider_d"], record["seconds"], " *best*" if improved else "",
-                        val["examples"][0])
-            if bad >= self.config.train.patience:
-                logger.info("early stopping: no val CIDEr-D improvement for %d epochs", bad)
+        started = time.perf_counter()
+        fresh = self.progress.epoch == 0 and not self.progress.pretrained
+        if fresh and self.config.train.pretrain.captions:
+            self.pretrain_summary = self.pretrain()
+            self._save_state({"pretrain": self.pretrain_summary})  # a resumed run starts from the pretrained weights
+        while self.progress.epoch < self.config.train.epochs and not (
+                self.progress.bad_epochs >= self.config.train.patience):
+            if self._epoch():
                 break
-        return self.finish(best_epoch, time.perf_counter() - started)
+        return self.finish(self.progress.best_epoch, time.perf_counter() - started)
 
     def finish(self, best_epoch: int, seconds: float) -> GeneratorResult:
         best = self.out_dir / "best"
@@ -155,6 +307,8 @@ class GeneratorTrainer:
         captions = self.captions(self.val_queries, self.val_slots, decoding)
         report: dict[str, Any] = {"best_epoch": best_epoch, "train_seconds": round(seconds, 1),
                                   "decoding": decoding.model_dump(mode="json")}
+        if self.pretrain_summary:
+            report["pretrain"] = self.pretrain_summary
         report["val"] = score_queries(self.val_queries, captions,
                                       training_captions=[r.caption for r in self.train_records],
                                       voices=voice_classifier(self.train_records))
@@ -170,9 +324,17 @@ class GeneratorTrainer:
 
 
 def train_generator(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> GeneratorResult:
-    """Train the caption generator ``config.model.family`` names; the best checkpoint is ``out_dir/best``."""
+    """Train the caption generator ``config.model.family`` names; the best checkpoint is ``out_dir/best``.
+
+    ``resume``: continue from the newest complete state in ``out_dir/states`` (FileNotFoundError when the
+    run has none); otherwise an earlier run's states and metrics there are replaced.
+    """
     if config.model.family == "retrieval":
         raise ValueError("train_generator trains the generative families; use transresnet.train.train for retrieval")
+    out_dir = Path(out_dir)
+    trainer = GeneratorTrainer(config, out_dir)
     if resume:
-        raise ValueError("--resume is not supported for caption generators yet; start the run again")
-    return GeneratorTrainer(config, Path(out_dir)).run()
+        trainer.resume()
+    else:
+        start_fresh(out_dir)
+    return trainer.run()
