@@ -104,12 +104,14 @@ def write_json(path: Path | None, name: str, data: dict[str, Any]) -> Path:
 
 
 def multipart_body(data: bytes, traits: Sequence[str], k: int = 5, filename: str = "photo.jpg",
-                   content_type: str = "image/jpeg") -> tuple[bytes, str]:
-    """A ready-made multipart caption request, so a load client spends no CPU encoding it during a run."""
+                   content_type: str = "image/jpeg", fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A ready-made multipart caption request, so a load client spends no CPU encoding it during a run;
+    ``fields``: more form fields (mode, beam_size)."""
     boundary = uuid.uuid4().hex
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
              f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"]
-    for name, value in [("k", str(k))] + [("personality", t) for t in traits]:
+    extra = list((fields or {}).items())
+    for name, value in [("k", str(k))] + [("personality", t) for t in traits] + extra:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
                      + value.encode() + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())

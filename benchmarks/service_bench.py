@@ -5,10 +5,12 @@ in a tight loop (header probe + decode, preprocess, image encode + query, search
 service's thread settings), median per stage. Then starts `transresnet serve` as a subprocess on a loopback
 port (once with micro-batching, once without), sends the same JPEGs at several concurrency levels for a fixed
 number of requests each, and prints a side-by-side table with the p50 at concurrency 1 as a ratio of the
-floor; the full numbers go to a JSON file.
+floor; the full numbers go to a JSON file. With ``--generator``, a third server (batched, serving the
+generator beside retrieval) is measured in each of ``--modes`` (retrieve, generate, hybrid) side by side.
 
     python benchmarks/service_bench.py --checkpoint runs/flickr8k/best --index runs/flickr8k-index \
         --images ../shared/data/flickr8k-1k/images --requests 300 --out runs/bench/service_bench.json
+    python benchmarks/service_bench.py ... --generator runs/flickr8k_updown/best --mode-requests 100
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(args: argparse.Namespace, batching: bool) -> ServeProcess:
-    """`transresnet serve` of the checkpoint and index under test, batched or not."""
+def start_server(args: argparse.Namespace, batching: bool, generator: Path | None = None) -> ServeProcess:
+    """`transresnet serve` of the checkpoint and index under test, batched or not, with a generator or not."""
     flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
+    if generator is not None:
+        flags += ["--generator", str(generator)]
     for flag, value in (("--max-batch", args.max_batch), ("--max-search-batch", args.max_search_batch),
                         ("--max-wait-ms", args.max_wait_ms)):
         if value is not None:
@@ -47,7 +51,8 @@ def start_server(args: argparse.Namespace, batching: bool) -> ServeProcess:
         flags += ["--threads", str(args.threads)]
     if not batching:
         flags.append("--no-batching")
-    return ServeProcess(flags, args.out.with_suffix(f".server-{'batched' if batching else 'unbatched'}.log"))
+    label = "generator" if generator is not None else "batched" if batching else "unbatched"
+    return ServeProcess(flags, args.out.with_suffix(f".server-{label}.log"))
 
 
 async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency: int,
@@ -56,6 +61,7 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
     latencies: list[float] = []
     server_ms: list[float] = []
     batch_sizes: list[int] = []
+    decode_steps: list[int] = []
     errors: dict[str, int] = {}
     counter = iter(range(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -77,7 +83,9 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
                     continue
                 timings = response.json()["timings"]
                 server_ms.append(timings["total_ms"])
-                batch_sizes.append(timings["encode_batch_size"])
+                batch_sizes.append(timings.get("encode_batch_size") or timings.get("generate_batch_size") or 0)
+                if "decode_steps" in timings:
+                    decode_steps.append(timings["decode_steps"])
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -91,14 +99,47 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
         "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
         "server_p50_ms": round(float(np.percentile(server_ms, 50)), 2) if server_ms else None,
         "mean_encode_batch": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
+        "mean_decode_steps": round(float(np.mean(decode_steps)), 2) if decode_steps else None,
     }
 
 
-def load_bodies(args: argparse.Namespace) -> list[tuple[bytes, str]]:
+def load_bodies(args: argparse.Namespace, mode: str = "retrieve") -> list[tuple[bytes, str]]:
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
     if not paths:
         raise SystemExit(f"no .jpg files in {args.images}")
-    return [multipart_body(p.read_bytes(), args.personality, args.k, filename=p.name) for p in paths]
+    fields = {"mode": mode, **({"beam_size": str(args.beam_size)} if args.beam_size and mode != "retrieve" else {})}
+    return [multipart_body(p.read_bytes(), args.personality, args.k, filename=p.name, fields=fields) for p in paths]
+
+
+def bench_modes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One batched server with the generator, each mode at each concurrency (``--mode-requests`` each)."""
+    server = start_server(args, batching=True, generator=args.generator)
+    results = []
+    try:
+        server.start()
+        for mode in args.modes:
+            bodies = load_bodies(args, mode)
+            asyncio.run(run_level(server.base_url, bodies, 2, min(args.warmup, 10)))
+            for concurrency in args.concurrency:
+                result = asyncio.run(run_level(server.base_url, bodies, concurrency, args.mode_requests))
+                result["mode"] = mode
+                logger.info("mode=%s concurrency=%d: p50 %.1f ms, %.1f req/s, %d errors", mode, concurrency,
+                            result["p50_ms"], result["rps"], result["errors"])
+                results.append(result)
+        return results
+    finally:
+        server.stop()
+
+
+def modes_table(results: list[dict[str, Any]]) -> str:
+    head = (f"{'mode':>8} | {'conc':>4} | {'p50':>7} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>4} | "
+            f"{'server p50':>10} {'steps':>5}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['mode']:>8} | {r['concurrency']:>4} | {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} "
+                     f"{r['p99_ms']:>7.1f} {r['rps']:>7.1f} {r['errors']:>4} | {r['server_p50_ms'] or 0:>10.1f} "
+                     f"{r['mean_decode_steps'] or 0:>5.1f}")
+    return "\n".join(lines)
 
 
 def bench_mode(args: argparse.Namespace, bodies: list[tuple[bytes, str]], batching: bool) -> list[dict[str, Any]]:
@@ -198,9 +239,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-search-batch", type=int, help="server --max-search-batch (default: the server's)")
     parser.add_argument("--max-wait-ms", type=float, help="server --max-wait-ms (default: the server's)")
     parser.add_argument("--threads", type=int, default=0, help="server torch/FAISS threads (0 = default)")
+    parser.add_argument("--generator", type=Path, help="a caption-generator checkpoint: also measure --modes")
+    parser.add_argument("--modes", nargs="+", choices=["retrieve", "generate", "hybrid"],
+                        default=["retrieve", "generate", "hybrid"], help="modes measured with --generator")
+    parser.add_argument("--mode-requests", type=int, default=100, help="requests per mode and concurrency level")
+    parser.add_argument("--beam-size", type=int, help="beam size of generate/hybrid requests (default: the "
+                                                      "generator's)")
+    parser.add_argument("--skip-batching-comparison", action="store_true",
+                        help="with --generator: only the modes, not the batched/unbatched retrieval comparison")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench/service_bench.json")
     args = parser.parse_args(argv)
     args.personality = args.personality or ["none"]
+    if args.skip_batching_comparison and args.generator is None:
+        parser.error("--skip-batching-comparison needs --generator (there would be nothing to measure)")
     return args
 
 
@@ -210,21 +261,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bodies = load_bodies(args)
-    floor = measure_floor(args, sorted(Path(args.images).glob("*.jpg"))[: min(args.num_images, args.floor_images)])
-    batched = bench_mode(args, bodies, batching=True)
-    unbatched = bench_mode(args, bodies, batching=False)
+    batched: list[dict[str, Any]] = []
+    unbatched: list[dict[str, Any]] = []
+    floor: dict[str, float] = {}
+    if not args.skip_batching_comparison:
+        floor = measure_floor(args, sorted(Path(args.images).glob("*.jpg"))[: min(args.num_images,
+                                                                                  args.floor_images)])
+        batched = bench_mode(args, bodies, batching=True)
+        unbatched = bench_mode(args, bodies, batching=False)
+    modes = bench_modes(args) if args.generator is not None else []
     report = {
         "checkpoint": str(args.checkpoint), "index": str(args.index), "images": len(bodies),
         "personality": args.personality, "k": args.k, "max_batch": args.max_batch,
         "max_search_batch": args.max_search_batch, "max_wait_ms": args.max_wait_ms,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "floor_ms": floor, "batching_on": batched, "batching_off": unbatched,
+        "generator": str(args.generator) if args.generator else None, "beam_size": args.beam_size, "modes": modes,
     }
     args.out.write_text(json.dumps(report, indent=1))
-    print(table(batched, unbatched))
-    print(floor_table(floor, batched, unbatched))
+    if batched:
+        print(table(batched, unbatched))
+        print(floor_table(floor, batched, unbatched))
+    if modes:
+        print(modes_table(modes))
     print(f"\nwritten {args.out}")
-    return 0 if all(r["errors"] == 0 for r in batched + unbatched) else 1
+    return 0 if all(r["errors"] == 0 for r in batched + unbatched + modes) else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, image_bytes, train_tiny_generator
+from tests.helpers import free_port, image_bytes
 from transresnet.checkpoint import Checkpoint
 from transresnet.generation.checkpoint import GeneratorCheckpoint, load_generator
 from transresnet.images import ImagePreprocessor
@@ -29,13 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def generator_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two contending ones
-    try:
-        return train_tiny_generator(tmp_path_factory.mktemp("generator") / "best", steps=100)
-    finally:
-        torch.set_num_threads(threads)
+def generator_path(tiny_generator_path: Path) -> Path:
+    return tiny_generator_path
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +189,11 @@ def test_a_server_without_a_generator_refuses_the_generative_modes(service_clien
 def test_a_generator_without_personality_input_writes_one_caption_for_every_trait(
         service_settings, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
-    from transresnet.generation.checkpoint import save_generator
     from transresnet.service.main import create_app
 
     from tests.helpers import generator_tree
     from transresnet.config import build_config
-    from transresnet.generation.checkpoint import CaptionModel
+    from transresnet.generation.checkpoint import CaptionModel, save_generator
     from transresnet.generation.vocab import Vocabulary
     from transresnet.traits import TraitVocab
 

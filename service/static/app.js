@@ -1,4 +1,5 @@
-// The demo page: pick a photo and personalities, POST them to /v1/captions, show the ranked captions.
+// The demo page: pick a photo and personalities, POST them to /v1/captions, show the ranked (or generated)
+// captions.
 "use strict";
 
 const state = { file: null, traits: [], selected: [], hasTraits: true };
@@ -122,6 +123,7 @@ async function loadModelInfo() {
     const body = await response.json();
     if (!body.ready) return;
     showModel(body.model, body.index);
+    showGenerator(body.generator);
   } catch (err) { /* the page still works; the first answer fills this in */ }
 }
 
@@ -131,18 +133,53 @@ function showModel(model, index) {
   info.title = `model ${model.version} (text fingerprint ${model.fingerprint}) · index ${index.version}`;
 }
 
+// Modes generate and hybrid exist only when the server has a caption generator (GET /readyz: generator).
+function showGenerator(generator) {
+  if (!generator) return;
+  $("mode-picker").hidden = false;
+  $("beam-size").value = generator.beam_size;
+  $("generator-info").textContent = `Generator: ${generator.description}`;
+}
+
+function selectedMode() {
+  const checked = document.querySelector('input[name="mode"]:checked');
+  return checked && !$("mode-picker").hidden ? checked.value : "retrieve";
+}
+
+const LEGENDS = {
+  retrieve: "Scores are the model's similarity between the photo, in that personality's voice, and each caption: " +
+    "higher means a better fit. They compare captions within one model, not across models.",
+  generate: "Captions written word by word by the generator; scores are beam-search log-probabilities " +
+    "(closer to 0 is more likely).",
+  hybrid: "Captions from the index and from the generator, all scored by the retrieval model's similarity " +
+    "(higher is a better fit); the tag says where each came from.",
+};
+
+function captionItem(c) {
+  const item = el("li", { className: "caption", dataset: { source: c.source || "retrieved" } },
+    el("span", { className: "caption-text", textContent: c.caption }),
+    el("span", { className: "score", textContent: c.score.toFixed(3) }));
+  if (c.source && c.source !== "retrieved") item.append(el("span", { className: "source", textContent: c.source }));
+  return item;
+}
+
+function timingText(t) {
+  const stages = [["decode", t.decode_ms], ["encode", t.encode_ms], ["search", t.search_ms],
+                  ["generate", t.generate_ms], ["rescore", t.rescore_ms]]
+    .filter(([, ms]) => ms !== undefined && ms !== null).map(([name, ms]) => `${name} ${ms.toFixed(0)}`);
+  const steps = t.decode_steps ? `, ${t.decode_steps} decode steps` : "";
+  return `${t.total_ms.toFixed(0)} ms (${stages.join(", ")}${steps})`;
+}
+
 function renderResults(body) {
   const sections = body.results.map((result) => el("article", { className: "result" },
     el("h3", { textContent: result.personality }),
-    el("ol", {}, ...result.captions.map((c) => el("li", { className: "caption" },
-      el("span", { className: "caption-text", textContent: c.caption }),
-      el("span", { className: "score", textContent: c.score.toFixed(3) }))))));
+    el("ol", {}, ...result.captions.map(captionItem))));
   $("results").replaceChildren(...sections);
+  $("score-legend").textContent = LEGENDS[body.mode || "retrieve"];
   $("score-legend").hidden = false;
   showModel(body.model, body.index);
-  const t = body.timings;
-  $("status").textContent = `${t.total_ms.toFixed(0)} ms (decode ${t.decode_ms.toFixed(0)}, encode ` +
-    `${t.encode_ms.toFixed(0)}, search ${t.search_ms.toFixed(0)})`;
+  $("status").textContent = timingText(body.timings);
 }
 
 async function submit(event) {
@@ -153,9 +190,12 @@ async function submit(event) {
   form.append("image", state.file, state.file.name);
   for (const name of state.selected) form.append("personality", name);
   form.append("k", $("k").value || "5");
+  const mode = selectedMode();
+  form.append("mode", mode);
+  if (mode !== "retrieve" && $("beam-size").value) form.append("beam_size", $("beam-size").value);
   showError("");
   $("submit").disabled = true;
-  $("status").textContent = "Ranking…";
+  $("status").textContent = mode === "retrieve" ? "Ranking…" : "Writing captions…";
   try {
     const response = await fetch("/v1/captions", { method: "POST", body: form });
     const body = await response.json();
