@@ -290,3 +290,4 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(synthetic_dataset: Pa
     strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in run] for run in lines]
     assert strip[0] == strip[1] and [r.get("epoch") for r in lines[0]] == [None, None, 1, 2, 3]
     assert resumed.report["best_epoch"] == whole.report["best_epoch"]
+    assert resumed.report["pretrain"]["epochs"][1]["val_ppl"] == whole.report["pretrain"]["epochs"][1]["val_ppl"]

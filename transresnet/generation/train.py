@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,8 @@ class GeneratorProgress:
     """Epochs since the last improvement (the patience counter)."""
     pretrained: bool = False
     """Language-model pretraining has run (a resumed run never repeats it)."""
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    """Its summary for the report: pool captions kept and excluded, perplexity per epoch."""
 
 
 class GeneratorTrainer:
@@ -146,7 +148,6 @@ class GeneratorTrainer:
         self.optimizer = torch.optim.Adam(self.model.decoder.parameters(), lr=config.train.lr,
                                           weight_decay=config.train.weight_decay)
         self.progress = GeneratorProgress()
-        self.pretrain_summary: dict[str, Any] = {}
         logger.info("%s decoder (%s): %d examples over %d images, vocabulary %d %ss, %d traits; val %d queries, "
                     "grid %s, on %s", config.model.family, config.model.decoder.cell, len(self.examples),
                     len({e.image_row for e in self.examples}), len(vocab), vocab.level, len(traits) - 1,
@@ -204,9 +205,9 @@ class GeneratorTrainer:
 
     # -- pretraining --------------------------------------------------------------------------------
 
-    def pretrain(self) -> dict[str, Any]:
+    def pretrain(self) -> None:
         """Language-model pretraining of the decoder on ``train.pretrain.captions`` (val/test images excluded);
-        each epoch's perplexities go to metrics.jsonl and the log."""
+        each epoch's perplexities go to metrics.jsonl and the log, the summary into the progress."""
         cfg = self.config.train.pretrain
         pool = load_pool(cfg, held_out_records(self.config, self.val_records, self.test_records))
 
@@ -218,7 +219,8 @@ class GeneratorTrainer:
                                    grad_clip=self.config.train.grad_clip, seed=self.config.train.seed,
                                    on_epoch=log_epoch)
         self.progress.pretrained = True
-        return {"captions": len(pool.captions), "excluded_held_out": pool.excluded, "epochs": history}
+        self.progress.pretrain = {"captions": len(pool.captions), "excluded_held_out": pool.excluded,
+                                  "epochs": history}
 
     # -- persistence ----------------------------------------------------------------------------------
 
@@ -292,8 +294,8 @@ class GeneratorTrainer:
         started = time.perf_counter()
         fresh = self.progress.epoch == 0 and not self.progress.pretrained
         if fresh and self.config.train.pretrain.captions:
-            self.pretrain_summary = self.pretrain()
-            self._save_state({"pretrain": self.pretrain_summary})  # a resumed run starts from the pretrained weights
+            self.pretrain()
+            self._save_state({"pretrain": self.progress.pretrain})  # a resumed run starts from the pretrained weights
         while self.progress.epoch < self.config.train.epochs and not (
                 self.progress.bad_epochs >= self.config.train.patience):
             if self._epoch():
@@ -307,8 +309,8 @@ class GeneratorTrainer:
         captions = self.captions(self.val_queries, self.val_slots, decoding)
         report: dict[str, Any] = {"best_epoch": best_epoch, "train_seconds": round(seconds, 1),
                                   "decoding": decoding.model_dump(mode="json")}
-        if self.pretrain_summary:
-            report["pretrain"] = self.pretrain_summary
+        if self.progress.pretrain:
+            report["pretrain"] = self.progress.pretrain
         report["val"] = score_queries(self.val_queries, captions,
                                       training_captions=[r.caption for r in self.train_records],
                                       voices=voice_classifier(self.train_records))
