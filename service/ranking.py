@@ -223,6 +223,9 @@ async def both(first: Awaitable[Item], second: Awaitable[Any]) -> tuple[Item, An
     tasks = (asyncio.ensure_future(first), asyncio.ensure_future(second))
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
         return tasks[0].result(), tasks[1].result()
     finally:
         for task in tasks:

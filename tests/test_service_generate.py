@@ -252,3 +252,45 @@ def test_real_server_serves_all_three_modes(tiny_checkpoint, service_index_root,
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def test_side_by_side_stages_cancel_each_other_on_failure() -> None:
+    """Hybrid runs retrieval and beam search side by side: when one fails, the other is cancelled (no
+    orphaned work holding a batch slot) and the caller sees the original error, not an exception group."""
+    import asyncio
+
+    from transresnet.service.errors import StageTimeout
+    from transresnet.service.ranking import both
+
+    async def scenario() -> tuple[bool, str]:
+        cancelled = asyncio.Event()
+
+        async def slow() -> int:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return 1
+
+        async def failing() -> int:
+            await asyncio.sleep(0.01)
+            raise StageTimeout("the generate stage took too long")
+
+        try:
+            await both(slow(), failing())
+        except StageTimeout as err:
+            await asyncio.wait_for(cancelled.wait(), 1)
+            return cancelled.is_set(), str(err)
+        return False, ""
+
+    was_cancelled, message = asyncio.run(scenario())
+    assert was_cancelled and message == "the generate stage took too long"
+
+    async def fine() -> tuple[int, str]:
+        async def value(v, delay):
+            await asyncio.sleep(delay)
+            return v
+        return await both(value(1, 0.02), value("b", 0.0))
+
+    assert asyncio.run(fine()) == (1, "b")
