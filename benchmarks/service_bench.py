@@ -56,8 +56,9 @@ def start_server(args: argparse.Namespace, batching: bool, generator: Path | Non
 
 
 async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency: int,
-                    requests: int) -> dict[str, Any]:
-    """``requests`` requests from ``concurrency`` closed-loop workers; latency per request, wall-clock rate."""
+                    requests: int, deadline_s: float | None = None) -> dict[str, Any]:
+    """``requests`` requests from ``concurrency`` closed-loop workers (stopping early after ``deadline_s``
+    seconds, when given); latency per request, wall-clock rate."""
     latencies: list[float] = []
     server_ms: list[float] = []
     batch_sizes: list[int] = []
@@ -69,6 +70,8 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         async def worker() -> None:
             for i in counter:
+                if deadline_s is not None and time.perf_counter() - began > deadline_s:
+                    break
                 body, content_type = bodies[i % len(bodies)]
                 start = time.perf_counter()
                 try:
@@ -87,13 +90,13 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
                 if "decode_steps" in timings:
                     decode_steps.append(timings["decode_steps"])
 
-        start = time.perf_counter()
+        began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - began
 
     ms = np.asarray(latencies) * 1000.0
     return {
-        "concurrency": concurrency, "requests": requests, "errors": sum(errors.values()), "error_kinds": errors,
+        "concurrency": concurrency, "requests": len(latencies), "errors": sum(errors.values()), "error_kinds": errors,
         "wall_s": round(wall, 3), "rps": round(len(server_ms) / wall, 2),
         "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
