@@ -5,29 +5,22 @@ projection head and normalisation stay the checkpoint's own torch code (``Transf
 with ``transformer=`` and ``TransResNet.encode_pooled_text``), so the int8 path computes the same function
 as float32 through :mod:`transresnet.encode`; it is never called directly.
 
-Exports are cached, one folder per text fingerprint and exporter/runtime versions, in this order of places:
-the ``cache_dir`` argument, ``$TRANSRESNET_ENCODER_CACHE``, ``<checkpoint>/encoders/`` when the checkpoint
-folder is writable, else ``$XDG_CACHE_HOME/transresnet/encoders`` (``~/.cache``). A folder is built in a
-staging folder and published in one rename (:func:`transresnet.checkpoint.publish_dir`); at load its
-``meta.json`` must name the same key and the model file's sha256, or it is exported again.
+Exports are cached, one folder per text fingerprint and exporter/runtime versions, where and how
+:mod:`transresnet.onnx_cache` says (shared with the image encoder's ONNX Runtime exports): the ``cache_dir``
+argument, ``$TRANSRESNET_ENCODER_CACHE``, ``<checkpoint>/encoders/`` when the checkpoint folder is writable,
+else ``~/.cache/transresnet/encoders``; published atomically, verified by sha256 at load, re-exported when not.
 
 Needs the ``onnx`` extra: ``pip install "transresnet[onnx]"``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
-import os
-import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,35 +28,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from transresnet.checkpoint import META, clean_leftovers, publish_dir, staging_dir, text_fingerprint
-from transresnet.files import sha256_file, write_text_atomic
+from transresnet import onnx_cache
+from transresnet.checkpoint import META, text_fingerprint
+from transresnet.files import sha256_file  # noqa: F401 - re-exported: tests check exports against it
 from transresnet.model import TransResNet
-from transresnet.runtime import utc_timestamp
+from transresnet.onnx_cache import CACHE_ENV, INSTALL_HINT, OnnxUnavailable  # noqa: F401 - part of this API
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "TRANSRESNET_ENCODER_CACHE"
-INSTALL_HINT = 'pip install "transresnet[onnx]" (onnxruntime and onnx)'
 EXPORT_VERSION = 2
 """Bump when the export or quantisation recipe changes: every cached export is then rebuilt."""
 OPSET = 17
 MODEL_FILE = "text_transformer.int8.onnx"
-_SESSIONS: dict[tuple, Int8Transformer] = {}
-_MAX_SESSIONS = 4
+_SESSIONS = onnx_cache.SessionMemo()
 
-
-class Int8Unavailable(ImportError):
-    """int8 encoding was asked for but the onnx extra is not installed."""
+Int8Unavailable = OnnxUnavailable
+"""int8 encoding was asked for but the onnx extra is not installed (the shared ONNX error)."""
 
 
 def runtime_versions() -> dict[str, str]:
     """The versions an export depends on (part of the cache key); Int8Unavailable without the extra."""
-    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise Int8Unavailable(f"int8 caption encoding needs {' and '.join(missing)}: {INSTALL_HINT}; "
-                              "or choose --precision float32 / bfloat16")
-    return {"torch": torch.__version__, "onnx": importlib.metadata.version("onnx"),
-            "onnxruntime": importlib.metadata.version("onnxruntime")}
+    return onnx_cache.runtime_versions("int8 caption encoding", "choose --precision float32 / bfloat16")
 
 
 def check_supported(model: TransResNet) -> None:
@@ -85,15 +70,14 @@ def unavailable_reason(model: TransResNet) -> str | None:
 
 def cache_root(model: TransResNet, cache_dir: str | Path | None = None) -> Path:
     """Where exports of ``model`` live (see the module doc for the order)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
     # A checkpoint's text encoder is loaded from <checkpoint>/text: cache beside the weights when allowed.
-    checkpoint = Path(getattr(model.text, "source", "")).parent
-    if (checkpoint / META).is_file() and os.access(checkpoint, os.W_OK):
-        return checkpoint / "encoders"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "transresnet" / "encoders"
+    return onnx_cache.cache_root(checkpoint_folder(model), cache_dir)
+
+
+def checkpoint_folder(model: TransResNet) -> Path | None:
+    """The checkpoint folder ``model`` was loaded from, when its text assets say so (else None)."""
+    source = getattr(model.text, "source", None)
+    return Path(source).parent if source else None
 
 
 def export_key(model: TransResNet) -> dict[str, Any]:
@@ -104,8 +88,7 @@ def export_key(model: TransResNet) -> dict[str, Any]:
 
 def export_folder(model: TransResNet, cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     key = export_key(model)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_root(model, cache_dir) / f"text-int8-{key['fingerprint'][:16]}-{digest}", key
+    return onnx_cache.keyed_folder(cache_root(model, cache_dir), "text-int8", key), key
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -183,17 +166,7 @@ def _weight_nodes(path: Path, feed_forward: int) -> list[str]:
     return chosen
 
 
-@contextlib.contextmanager
-def _quiet_quantiser() -> Iterator[None]:
-    """The quantiser logs a line per tensor on the root logger (and advice about static quantisation's
-    pre-processing, which dynamic quantisation of a shape-inferred export does not need): keep those out."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+_quiet_quantiser = onnx_cache.quiet_root_logger
 
 
 def _quantise(source: Path, target: Path, feed_forward: int) -> None:
@@ -211,22 +184,18 @@ def _quantise(source: Path, target: Path, feed_forward: int) -> None:
 def export_int8(model: TransResNet, folder: Path, key: dict[str, Any]) -> None:
     """Export, fuse and quantise ``model``'s transformer into ``folder``, published in one step."""
     started = time.perf_counter()
-    clean_leftovers(folder)
-    staging = staging_dir(folder)
-    try:
+
+    def build(staging: Path) -> dict[str, Any]:
         names = _export_float(model, staging / "float.onnx")
         fused = staging / "fused.onnx"
         _quantise(fused if _fuse(model, staging / "float.onnx", fused) else staging / "float.onnx",
                   staging / MODEL_FILE, int(getattr(model.text.transformer.config, "intermediate_size", 0)))
         for leftover in ("float.onnx", "fused.onnx"):
             (staging / leftover).unlink(missing_ok=True)
-        meta = {"key": key, "inputs": names, "sha256": sha256_file(staging / MODEL_FILE), "created": utc_timestamp()}
-        write_text_atomic(staging / META, json.dumps(meta, indent=1))
-        publish_dir(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("exported the int8 text encoder to %s in %.1fs", folder, time.perf_counter() - started)
+        return {"inputs": names}
+
+    onnx_cache.publish_export(folder, key, MODEL_FILE, build)
+    onnx_cache.timed("the int8 text encoder", started, folder)
 
 
 # -------------------------------------------------------------------------------------------- load
@@ -236,14 +205,7 @@ class Int8Transformer:
     """Callable like ``transformer(**batch).last_hidden_state``: token tensors -> float32 hidden states."""
 
     def __init__(self, folder: Path, inputs: Sequence[str], threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Same reason as OMP_WAIT_POLICY=PASSIVE (transresnet.runtime): spinning idle threads steal shared cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_cache.open_session(folder / MODEL_FILE, threads)
         self.inputs = list(inputs)
         self.folder = folder
 
@@ -256,16 +218,12 @@ class Int8Transformer:
 
 def _read_cached(folder: Path, key: dict[str, Any], threads: int) -> Int8Transformer | None:
     """The cached export if it is complete, for this key, and intact; None (with the reason logged) if not."""
-    if not (folder / META).is_file():
+    meta = onnx_cache.read_verified(folder, key, MODEL_FILE)
+    if meta is None:
         return None
     try:
-        meta = json.loads((folder / META).read_text())
-        if meta.get("key") != key:
-            raise ValueError("it was exported for another key")
-        if sha256_file(folder / MODEL_FILE) != meta.get("sha256"):
-            raise ValueError(f"{MODEL_FILE} does not match its recorded sha256")
         return Int8Transformer(folder, meta["inputs"], threads)
-    except Exception as err:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never served
+    except Exception as err:  # noqa: BLE001 - a file ONNX Runtime cannot open is rebuilt, never served
         logger.warning("cached int8 text encoder %s is unusable (%s); exporting it again", folder, err)
         return None
 
@@ -278,25 +236,12 @@ def load_int8_transformer(model: TransResNet, *, cache_dir: str | Path | None = 
     check_supported(model)
     folder, key = export_folder(model, cache_dir)
     threads = torch.get_num_threads()
-    memo = _memo_key(folder, threads)
-    if memo is not None and memo in _SESSIONS:
-        return _SESSIONS[memo]
+    cached = _SESSIONS.get(onnx_cache.memo_key(folder, (MODEL_FILE, META), threads))
+    if cached is not None:
+        return cached
     runner = _read_cached(folder, key, threads)
     if runner is None:
         export_int8(model, folder, key)
         runner = Int8Transformer(folder, json.loads((folder / META).read_text())["inputs"], threads)
-    if len(_SESSIONS) >= _MAX_SESSIONS:
-        _SESSIONS.pop(next(iter(_SESSIONS)))
-    memo = _memo_key(folder, threads)
-    if memo is not None:
-        _SESSIONS[memo] = runner
+    _SESSIONS.put(onnx_cache.memo_key(folder, (MODEL_FILE, META), threads), runner)
     return runner
-
-
-def _memo_key(folder: Path, threads: int) -> tuple | None:
-    """A loaded session is reused while its files are the ones it was loaded from (a rewrite changes a stat)."""
-    try:
-        stats = [(folder / name).stat() for name in (MODEL_FILE, META)]
-    except FileNotFoundError:
-        return None
-    return str(folder), threads, *((stat.st_mtime_ns, stat.st_size) for stat in stats)

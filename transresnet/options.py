@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 IndexType = Literal["flat", "ivf", "hnsw", "ivfpq"]
 BuildIndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
 Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+ImagePrecision = Literal["auto", "float32", "channels_last", "bfloat16", "compile", "onnx", "int8"]
+"""How the image backbone runs (:mod:`transresnet.image_runtime`): the caption side's names where they mean the
+same (float32, bfloat16, int8, auto), plus the float32 runtimes channels_last, compile (torch.compile) and onnx."""
 BuildEngine = Literal["local", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
@@ -120,6 +123,9 @@ class EvalOptions(BaseModel):
     feature_cache: Path | None = Field(None, description="feature cache root (default: the checkpoint config's)")
     batch_size: int = Field(256, ge=1, description="queries and captions per encoder batch")
     precision: Precision = Field("float32", description="caption encoder precision")
+    image_precision: ImagePrecision = Field("float32", description="image encoder runtime: float32, channels_last, "
+                                            "bfloat16, compile, onnx, int8 (each checked against float32 on "
+                                            "calibration photos), or auto (the fastest that passes)")
     recall_target: float = Field(0.95, gt=0.0, le=1.0,
                                  description="recall@10 against exact search the approximate index is tuned to")
     device: Device = Field("auto", description="where the model runs")
