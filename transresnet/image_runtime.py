@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transresnet import onnx_cache
+import transresnet.onnx_cache as onnx_cache
 from transresnet.checkpoint import state_dict_digest
 from transresnet.config import DataConfig, ImageEncoderConfig
 from transresnet.encode import MIN_COSINE, MIN_COSINE_INT8, _cpu_has_bf16

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transresnet import onnx_cache
+import transresnet.onnx_cache as onnx_cache
 from transresnet.checkpoint import META, text_fingerprint
 from transresnet.files import sha256_file  # noqa: F401 - re-exported: tests check exports against it
 from transresnet.model import TransResNet
