@@ -37,6 +37,7 @@ from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
 from transresnet.encode import encode_captions, encode_queries
 from transresnet.files import sha256_file
+from transresnet.image_runtime import ImageRunner
 from transresnet.metrics import summarize_ranks
 from transresnet.options import EvalOptions
 from transresnet.retrieval import RankingTask, candidates_task, pool_ranks, pool_task, rank_task
@@ -96,20 +97,35 @@ def _backbone_identity(checkpoint: Checkpoint) -> str:
     return "checkpoint-backbone:" + state_dict_digest(checkpoint.model.backbone).hexdigest()[:32]
 
 
+def image_encoder(checkpoint: Checkpoint, precision: str, paths: Sequence[Path]) -> ImageRunner:
+    """The checkpoint's image encoder in ``precision``, checked on a spread of the evaluated photos
+    (they only set int8's activation ranges and test every mode against float32; no labels are read)."""
+    from transresnet.image_runtime import calibration_from_files, prepare_image_encoder
+
+    calibration = None if precision == "float32" else calibration_from_files(paths, checkpoint.config.model.image)
+    return prepare_image_encoder(checkpoint.model, precision, calibration=calibration,
+                                 checkpoint_dir=Path(checkpoint.path))
+
+
 def image_features(checkpoint: Checkpoint, paths: Sequence[Path], *, feature_cache: str | Path | None,
-                   batch_size: int) -> np.ndarray:
-    """Pooled backbone features (N, F): from the on-disk cache for frozen backbones, else computed live."""
+                   batch_size: int, encoder: ImageRunner | None = None) -> np.ndarray:
+    """Pooled backbone features (N, F): from the on-disk cache for frozen backbones, else computed live.
+
+    ``encoder``: the image runtime to compute them with (default: the float32 backbone); features of
+    another runtime are cached apart from float32's.
+    """
     from transresnet.features import cached_features, compute_features
     from transresnet.images import ImagePreprocessor
 
     model, cfg = checkpoint.model, checkpoint.config.model.image
+    backbone = encoder if encoder is not None else model.backbone
     started = time.perf_counter()
     if cfg.freeze_backbone:
         root = feature_cache or checkpoint.config.data.feature_cache
-        features = cached_features(model.backbone, cfg, paths, root=root, weights=_backbone_identity(checkpoint),
+        features = cached_features(backbone, cfg, paths, root=root, weights=_backbone_identity(checkpoint),
                                    views=1, batch_size=min(batch_size, 64), device=model.device)[:, 0]
     else:
-        features = compute_features(model.backbone, ImagePreprocessor(cfg), paths, batch_size=min(batch_size, 64),
+        features = compute_features(backbone, ImagePreprocessor(cfg), paths, batch_size=min(batch_size, 64),
                                     device=model.device)
     logger.info("image features of %d images in %.1fs", len(paths), time.perf_counter() - started)
     return np.asarray(features, dtype=np.float32)
@@ -243,6 +259,8 @@ class EvalInputs:
     texts: np.ndarray
     images: int
     seconds: dict[str, float] = field(default_factory=dict)
+    image_encoder: dict[str, Any] = field(default_factory=dict)
+    """The image runtime used and its check (:class:`transresnet.image_runtime.ImageEncoderReport`)."""
 
 
 def prepare(options: EvalOptions) -> EvalInputs:
@@ -255,7 +273,11 @@ def prepare(options: EvalOptions) -> EvalInputs:
                 len(images), len(task.texts))
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    features = image_features(checkpoint, images, feature_cache=options.feature_cache, batch_size=options.batch_size)
+    encoder = image_encoder(checkpoint, options.image_precision, images)
+    seconds["image_encoder_prepare_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    features = image_features(checkpoint, images, feature_cache=options.feature_cache, batch_size=options.batch_size,
+                              encoder=encoder)
     seconds["image_features_s"] = time.perf_counter() - started
     row_of = {p: i for i, p in enumerate(images)}
     started = time.perf_counter()
@@ -266,7 +288,8 @@ def prepare(options: EvalOptions) -> EvalInputs:
     texts = encode_captions(checkpoint.model, task.texts, batch_size=options.batch_size, precision=options.precision)
     seconds["caption_encoding_s"] = time.perf_counter() - started
     seconds["captions_per_s"] = len(task.texts) / max(seconds["caption_encoding_s"], 1e-9)
-    return EvalInputs(checkpoint, records, task, queries, texts, len(images), seconds)
+    return EvalInputs(checkpoint, records, task, queries, texts, len(images), seconds,
+                      image_encoder=encoder.report.to_dict())
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -291,6 +314,7 @@ def build_report(options: EvalOptions, inputs: EvalInputs, rows: Sequence[Row], 
         "host": {"platform": platform.platform(), "device": str(checkpoint.model.device),
                  "torch_threads": torch.get_num_threads()},
         "search": search,
+        "image_encoder": inputs.image_encoder,
         "results": [asdict(r) for r in rows],
         "recall_lost": recall_lost(rows),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
@@ -320,7 +344,7 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def format_text_table(report: dict[str, Any]) -> str:
     header, rows = table_rows(report)
-    out = [_title(report), "", format_table(header, rows)]
+    out = [_title(report), _image_line(report), "", format_table(header, rows)]
     out += [f"recall the index loses against exact search ({d}): " + ", ".join(f"{k} {v:.1f}" for k, v in lost.items())
             + " points" for d, lost in report["recall_lost"].items()]
     return "\n".join(out)
@@ -334,6 +358,12 @@ def _title(report: dict[str, Any]) -> str:
             f"({report['checkpoint']['fingerprint'][:12]}), traits {report['traits']}")
 
 
+def _image_line(report: dict[str, Any]) -> str:
+    encoder = report.get("image_encoder") or {}
+    chosen, requested = encoder.get("chosen", "float32"), encoder.get("requested", "float32")
+    return f"image encoder: {chosen}" + (f" ({requested}: {encoder.get('reason', '')})" if requested != chosen else "")
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     header, rows = table_rows(report)
     lines = [f"# Evaluation: {_title(report)}", "",
@@ -342,7 +372,8 @@ def format_markdown(report: dict[str, Any]) -> str:
              f"(text fingerprint `{report['checkpoint']['fingerprint']}`)",
              f"- data: `{report['data']['path']}` (sha256 `{(report['data']['sha256'] or '')[:16]}`), split "
              f"{report['data']['split'] or '(whole file)'}",
-             f"- protocol: {report['protocol']}, traits {report['traits']}", "",
+             f"- protocol: {report['protocol']}, traits {report['traits']}",
+             f"- {_image_line(report)}", "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     for direction, lost in report["recall_lost"].items():

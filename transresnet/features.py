@@ -47,15 +47,18 @@ def weights_identity(cfg: ImageEncoderConfig) -> str:
 
 
 def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0,
-              pooling: Pooling = "avg") -> str:
+              pooling: Pooling = "avg", runtime: str = "float32") -> str:
     """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip.
 
     ``pooling`` avg: global-pooled vectors (N, F); grid: the last feature map's cells (N, cells, F).
+    ``runtime``: the image encoder that computed them (:attr:`transresnet.image_runtime.ImageRunner.identity`).
     """
     parts = {"format": CACHE_FORMAT, "backbone": cfg.backbone, "kwargs": cfg.backbone_kwargs, "weights": weights,
              "preprocess": preprocessor.identity(), "view": view}
     if pooling != "avg":  # avg keys stay what they were before grids existed
         parts["pooling"] = pooling
+    if runtime != "float32":  # and float32 keys what they were before other runtimes
+        parts["runtime"] = runtime
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -147,11 +150,17 @@ class FeatureCache:
 def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: Sequence[Path], *, root: str | Path,
                     weights: str, views: int = 1, batch_size: int = 64, num_workers: int = 0,
                     device: torch.device | str = "cpu", pooling: Pooling = "avg") -> np.ndarray:
-    """Features (N, views, F), or (N, views, cells, F) for grids, computing and caching only what is missing."""
+    """Features (N, views, F), or (N, views, cells, F) for grids, computing and caching only what is missing.
+
+    ``backbone`` may be an :class:`transresnet.image_runtime.ImageRunner`: its features are cached apart from
+    float32's (keyed by its ``identity``).
+    """
     preprocessor = ImagePreprocessor(cfg)
+    runtime = getattr(backbone, "identity", "float32") if pooling == "avg" else "float32"
     per_view = []
     for view in range(views):
-        cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view, pooling=pooling))
+        cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view, pooling=pooling,
+                                             runtime=runtime))
         todo = cache.missing(paths)
         if todo:
             start = time.perf_counter()
