@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from transresnet.options import IndexPlacement
+from transresnet.options import ImagePrecision, IndexPlacement
 
 if TYPE_CHECKING:
     from transresnet.index import CaptionIndex
@@ -87,18 +87,43 @@ class Bundle:
         return None if fallback is None else fallback.to_dict()
 
     @property
+    def image_encoder(self) -> dict[str, Any]:
+        """The image runtime serving (chosen precision, why, per-candidate cosine and time)."""
+        report = getattr(self.checkpoint.model.backbone, "report", None)
+        return report.to_dict() if report is not None else {"chosen": "float32", "requested": "float32"}
+
+    @property
     def min_side(self) -> int:
         """Short side the preprocessor resizes to (large JPEGs may be decoded at reduced scale down to 2x it)."""
         return self.preprocessor.cfg.effective_resize
 
 
+def prepare_images(checkpoint: Checkpoint, precision: ImagePrecision) -> None:
+    """Install the image encoder runtime ``precision`` (checked against float32 on the checkpoint's held-out
+    photos where they are on this machine, the ones GET /v1/samples offers, else on synthetic images)."""
+    from transresnet.image_runtime import apply_image_precision, calibration_from_files, held_out_photos
+
+    model = checkpoint.model
+    # Channels-last convolutions cost less per image at every batch size on CPU (oneDNN) and GPU (cuDNN);
+    # only the weights' layout changes, not their values: the service's float32 has always been this.
+    model.backbone.to(memory_format=torch.channels_last)
+    if precision == "float32":
+        return
+    photos = held_out_photos(checkpoint.config.data)
+    calibration = calibration_from_files(photos, checkpoint.config.model.image) if photos else None
+    report = apply_image_precision(model, precision, calibration=calibration, checkpoint_dir=Path(checkpoint.path))
+    logger.info("image encoder %s (asked: %s): %s", report.chosen, precision, report.reason)
+
+
 def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto", mmap: bool = False,
                 checkpoint: Checkpoint | None = None, fallback: bool = False,
-                placement: IndexPlacement = "auto") -> Bundle:
+                placement: IndexPlacement = "auto", image_precision: ImagePrecision = "float32") -> Bundle:
     """Load (or reuse) the checkpoint, then the index checked against its fingerprint. Blocking.
 
     ``fallback``: when the index root's CURRENT names a version that fails verification, serve the newest
-    version that verifies and fits the checkpoint (start-up only; a reload refuses a bad CURRENT instead)."""
+    version that verifies and fits the checkpoint (start-up only; a reload refuses a bad CURRENT instead).
+    ``image_precision``: the image encoder runtime of a newly loaded checkpoint (:func:`prepare_images`); a
+    reused checkpoint keeps the one it has."""
     from transresnet.index import load_index
 
     from transresnet.checkpoint import load_checkpoint
@@ -108,9 +133,7 @@ def load_bundle(checkpoint_path: Path, index_path: Path, *, device: str = "auto"
     start = time.perf_counter()
     if checkpoint is None:
         checkpoint = load_checkpoint(checkpoint_path, device=resolve_device(device))
-        # Channels-last convolutions cost less per image at every batch size on CPU (oneDNN) and GPU (cuDNN);
-        # only the weights' layout changes, not their values.
-        checkpoint.model.backbone.to(memory_format=torch.channels_last)
+        prepare_images(checkpoint, image_precision)
     caption_index = load_index(index_path, checkpoint=checkpoint, mmap=mmap, fallback=fallback,
                                placement=placement)
     if len(caption_index) == 0:

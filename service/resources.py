@@ -84,7 +84,7 @@ class Resources:
         current = self._bundle.checkpoint if (reuse_checkpoint and self._bundle) else None
         bundle = load_bundle(checkpoint_path, self.settings.index_root, device=self.settings.device,
                              mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback,
-                             placement=self.settings.index_placement)
+                             placement=self.settings.index_placement, image_precision=self.settings.image_precision)
         warm_up(bundle)
         return bundle
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from transresnet.options import Device, IndexPlacement
+from transresnet.options import Device, ImagePrecision, IndexPlacement
 
 MAX_K = 100
 """Upper bound of ``k`` (captions per personality); part of the API, so not a setting."""
@@ -27,6 +27,12 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Device = "auto"
     """Where the model runs; auto = the GPU when torch sees one."""
+    image_precision: ImagePrecision = "float32"
+    """How the image encoder runs: float32 (channels-last weights), channels_last, bfloat16, compile, onnx or
+    int8 (ONNX Runtime, the onnx extra), each checked against float32 on the checkpoint's held-out photos at
+    load; or auto, the fastest that passes (its choice and why in the log). float32 by default: the answers
+    then match the float32 model exactly, where auto's int8 may move scores (cosine >= 0.99); docs/results.md
+    has the speed of each on the shipped backbones."""
     index_mmap: bool = False
     """Memory-map the index vectors instead of reading them into memory (such an index is searched on CPU)."""
     index_placement: IndexPlacement = "auto"

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from transresnet.options import Device, IndexPlacement, choices
+from transresnet.options import Device, ImagePrecision, IndexPlacement, choices
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
         "follow_index": args.follow_index, "index_placement": args.index_placement,
+        "image_precision": args.image_precision,
         "generator": args.generator, "max_beam_size": args.max_beam_size,
     }
     if args.no_batching:
@@ -141,6 +142,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=choices(Device), help="where the model runs (default auto)")
+    serve.add_argument("--image-precision", choices=choices(ImagePrecision), help="image runtime (default float32)")
     serve.add_argument("--max-batch", type=int, help="most images encoded together (default 4; 32+ on a GPU)")
     serve.add_argument("--max-search-batch", type=int, help="most requests searched together (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
