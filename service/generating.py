@@ -93,12 +93,16 @@ class Generator:
 def load_generator_bundle(path: Path, *, device: str = "auto") -> Generator:
     """Load and verify a generator checkpoint (blocking)."""
     from transresnet.devices import resolve_device
+    from transresnet.fusion import check_sample, folded_for_inference
     from transresnet.generation.checkpoint import load_generator
     from transresnet.images import ImagePreprocessor
 
     start = time.perf_counter()
     checkpoint = load_generator(path, device=resolve_device(device))
-    checkpoint.model.backbone.to(memory_format=torch.channels_last)  # as the retrieval backbone: layout only
+    model = checkpoint.model
+    # Serving only: the frozen batch norms folded into the convolutions (checked on a sample), channels-last.
+    sample = check_sample(checkpoint.config.model.image.image_size).to(model.device)
+    model.backbone = folded_for_inference(model.backbone, sample).to(memory_format=torch.channels_last)
     generator = Generator(checkpoint, ImagePreprocessor(checkpoint.config.model.image))
     logger.info("loaded caption generator %s (%s) in %.1fs", path, generator.info["description"],
                 time.perf_counter() - start)
