@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-fast system-deps lint clean
+.PHONY: install serve serve-flickr8k test test-fast system-deps lint clean
 
 # Installs the project and its dev tools into a local virtual environment (re-runs when pyproject changes).
 $(STAMP): pyproject.toml
@@ -17,6 +17,12 @@ install: $(STAMP)
 
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/transresnet serve
+
+# The real-photo demo: Flickr8k photos in ten voices, EfficientNet-Lite2 (built once, cached in .cache/demo/).
+# Photos from DATA (default ../shared/data/flickr8k-1k where it exists), else downloaded once (about 1.1 GB).
+DATA ?= $(wildcard ../shared/data/flickr8k-1k)
+serve-flickr8k: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/transresnet serve --demo flickr8k $(if $(DATA),--data $(DATA))
 
 # Chromium and its driver for the browser test (Debian packages; needs root, skipped otherwise).
 system-deps:

@@ -134,15 +134,44 @@ def test_the_cache_key_follows_the_data_and_the_config(photos: Path, tmp_path: P
     assert demo_folder(tmp_path, "synthetic") != demo_folder(tmp_path, "synthetic", demo.DemoRequest(num_images=99))
 
 
-def test_offline_without_data_is_one_line_naming_the_flag(tmp_path: Path, monkeypatch, caplog) -> None:
+def _flickr8k_from(monkeypatch, base_url: str) -> None:
+    """Point `transresnet data download flickr8k` at a mirror (the same archive names)."""
     import transresnet.download as download
-    from transresnet.cli import main
 
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there: what a machine without a network sees
     source = download.DATASETS["flickr8k"]
     monkeypatch.setitem(download.DATASETS, "flickr8k", download.DatasetSource(
-        source.name, {key: download.Remote(f"{dead}/{key}.zip") for key in source.archives},
+        source.name, {key: download.Remote(f"{base_url}/{remote.name}") for key, remote in source.archives.items()},
         description=source.description))
+
+
+def test_without_data_flickr8k_is_downloaded_once_and_trained_on(tmp_path: Path, monkeypatch, tiny_overrides,
+                                                                 caplog) -> None:
+    """No --data: Flickr8k's two archives from a loopback mirror (its train, dev and test lists), laid out by
+    the downloader, cut to the demo's train and val photos, voiced, trained on and indexed."""
+    import transresnet.service.demo as demo
+
+    from tests.test_download import _flickr8k_archives, _Server
+
+    (tmp_path / "www").mkdir()
+    with _Server(tmp_path / "www") as mirror:
+        _flickr8k_archives(mirror.root)
+        _flickr8k_from(monkeypatch, mirror.url)
+        with caplog.at_level(logging.INFO):
+            checkpoint, index_root = demo.ensure_demo(tmp_path / "demo", "flickr8k", overrides=tiny_overrides)
+        assert "downloading Flickr8k" in caplog.text and "about 1.1 GB" in caplog.text
+        assert len(mirror.requests) == 2
+        # A second start neither downloads nor builds.
+        assert demo.ensure_demo(tmp_path / "demo", "flickr8k", overrides=tiny_overrides) == (checkpoint, index_root)
+        assert len(mirror.requests) == 2
+    assert (tmp_path / "demo" / "flickr8k-data" / "captions.csv").is_file()
+    voiced = demo._read_rows(index_root.parent / "voices" / "captions.csv")
+    assert {r["split"] for r in voiced} == {"train", "val"} and len({r["image"] for r in voiced}) == 8
+
+
+def test_offline_without_data_is_one_line_naming_the_flag(tmp_path: Path, monkeypatch, caplog) -> None:
+    from transresnet.cli import main
+
+    _flickr8k_from(monkeypatch, f"http://127.0.0.1:{free_port()}")  # nothing listens: as on a machine offline
     demo_dir = tmp_path / "demo"
     with caplog.at_level(logging.INFO):
         assert main(["serve", "--demo", "flickr8k", "--demo-dir", str(demo_dir), "--port", str(free_port())]) == 2
@@ -162,6 +191,17 @@ def test_a_data_folder_not_in_the_csv_layout_is_one_line(tmp_path: Path, caplog)
                  str(tmp_path / "demo"), "--port", str(free_port())]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "needs captions.csv" in errors[0] and "images/" in errors[0]
+
+
+def test_missing_backbone_weights_are_one_line_before_any_work(photos: Path, tiny_overrides, tmp_path: Path) -> None:
+    import transresnet.service.demo as demo
+
+    missing = tmp_path / "tf_efficientnet_lite2_imagenet.safetensors"
+    with pytest.raises(demo.DemoDataError, match=f"weights {missing} are not on this machine"):
+        demo.ensure_demo(tmp_path / "demo", "flickr8k", data=photos,
+                         overrides=(*tiny_overrides, f"model.image.weights={missing}"))
+    [folder] = (tmp_path / "demo").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no voices, no training, no marker
 
 
 def test_a_large_photo_set_is_cut_to_the_demo_size(tmp_path: Path, monkeypatch) -> None:

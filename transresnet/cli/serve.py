@@ -135,8 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="serve the caption ranking API and web page",
         description="Serve a checkpoint and caption index over HTTP. Flags override TRANSRESNET_* environment "
-                    "variables and .env; with no checkpoint and index at all, a synthetic demo is built once "
-                    "(cached in --demo-dir) and served.")
+                    "variables and .env; with no checkpoint and index at all, an embedded demo (--demo: synthetic "
+                    "shapes, or flickr8k real photos) is built once (cached in --demo-dir) and served.")
     serve.add_argument("--checkpoint", type=Path, help="checkpoint directory (e.g. runs/flickr8k/best)")
     serve.add_argument("--index", type=Path, help="index root (its current version is served) or a version dir")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
