@@ -151,3 +151,17 @@ def test_training_pretrains_without_held_out_captions_then_fine_tunes(synthetic_
     assert [p.name.split("-")[1] for p in states] == ["0000", "0001"]
     progress = json.loads((states[0] / "train_state.json").read_text())["progress"]
     assert progress["pretrained"] and progress["epoch"] == 0
+
+    # `transresnet train --resume` with one more epoch: it continues at epoch 2 and never pretrains again.
+    import yaml
+
+    from transresnet.cli import main
+
+    config_file = tmp_path / "gen.yaml"
+    config_file.write_text(yaml.safe_dump(tree))
+    assert main(["train", "--config", str(config_file), "--out", str(tmp_path / "run"), "--resume",
+                 "--set", "train.epochs=2"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("pretrain_epoch", r.get("epoch")) for r in lines] == [1, 2, 1, 2]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["pretrain"] == summary
