@@ -29,7 +29,6 @@ import copy
 import hashlib
 import json
 import logging
-import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -356,13 +355,15 @@ class ImageEncoderReport:
         return asdict(self)
 
 
-def _median_ms(run: Callable[[], Any], repeats: int = 3) -> float:
+def _best_ms(run: Callable[[], Any], repeats: int = 5) -> float:
+    """The fastest of ``repeats`` calls: on a shared machine other processes only ever add time (medians of
+    3 calls at load average 15 on 2 cores ranked float32 above ONNX Runtime, which the benchmark refutes)."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
         times.append((time.perf_counter() - started) * 1000.0)
-    return statistics.median(times)
+    return min(times)
 
 
 def _features(engine: Engine, pixels: torch.Tensor) -> torch.Tensor:
@@ -389,8 +390,8 @@ def measure(engine: Engine, calibration: torch.Tensor, reference: _Reference, ml
         result.min_query_cosine = _min_cosine(mlp(features.to(reference.queries.device)), reference.queries)
         if timing:
             batch = calibration[:TIMING_BATCH]
-            result.batch1_ms = _median_ms(lambda: engine(calibration[:1]))
-            result.per_image_ms = _median_ms(lambda: engine(batch)) / len(batch)
+            result.batch1_ms = _best_ms(lambda: engine(calibration[:1]))
+            result.per_image_ms = _best_ms(lambda: engine(batch)) / len(batch)
     result.passed = min(result.min_cosine, result.min_query_cosine) >= tol and bool(torch.isfinite(features).all())
     return result
 
