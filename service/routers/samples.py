@@ -16,6 +16,9 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
+from transresnet.config import DataConfig
+from transresnet.image_runtime import held_out_photos
+
 from ..bundle import Bundle
 from ..deps import ResourcesDep
 from ..errors import NotFound
@@ -43,32 +46,15 @@ def _spread(files: list[Path]) -> dict[str, Path]:
     return {p.name: p for p in files[::step][:MAX_SAMPLES]}
 
 
-def _held_out_photos(train: str, val: str | None, val_split: str | None, image_dir: str | None) -> list[Path]:
-    """The validation photos of the training data, or [] when they are not readable here."""
-    from transresnet.data import load_dataset
-
-    source, split = (val, None) if val else (train, val_split)
-    if not split and not val:
-        return []
-    try:
-        dataset = load_dataset(source, split=split, image_dir=image_dir)
-    except (OSError, ValueError):  # moved, renamed or without that split: fall back to the image folder
-        return []
-    return [record.image_path for record in dataset.records]
-
-
 @functools.lru_cache(maxsize=8)
-def _sample_files(train: str, val: str | None, val_split: str | None, image_dir: str | None) -> dict[str, Path]:
-    held_out = _spread(_held_out_photos(train, val, val_split, image_dir))
-    if held_out:
-        return held_out
-    folder = Path(train).resolve().parent / "images"
-    return _spread(list(folder.iterdir())) if folder.is_dir() else {}
+def _sample_files(data_json: str) -> dict[str, Path]:
+    # The same held-out photos image-precision calibration uses (keyed by the data section's JSON: hashable).
+    return _spread(held_out_photos(DataConfig.model_validate_json(data_json)))
 
 
 def sample_files(bundle: Bundle) -> dict[str, Path]:
     data = bundle.checkpoint.config.data
-    return _sample_files(data.train, data.val, data.val_split, data.image_dir) if data.train else {}
+    return _sample_files(data.model_dump_json()) if data.train else {}
 
 
 @router.get("/samples", response_model=SamplesResponse, summary="A few photos like the model's training photos")
