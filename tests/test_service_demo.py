@@ -324,12 +324,31 @@ def test_synthetic_demo_builds_once_and_serves(tmp_path, monkeypatch):
         assert [len(r["captions"]) for r in response.json()["results"]] == [3, 3]
 
 
+def _shared_subset(folder: Path, train: int, val: int) -> Path:
+    """A readers'-layout folder of the first ``train`` and ``val`` photos of ../shared's Flickr8k set: its
+    caption rows, and the photos linked (never copied) from ../shared."""
+    source = shared_path("data", "flickr8k-1k")
+    rows = (source / "captions.csv").read_text().splitlines()
+    keep: dict[str, list[str]] = {"train": [], "val": []}
+    for row in rows[1:]:
+        image, split = row.split(",")[:2]
+        if split in keep and image not in keep[split] and len(keep[split]) < {"train": train, "val": val}[split]:
+            keep[split].append(image)
+    chosen = set(keep["train"] + keep["val"])
+    (folder / "images").mkdir(parents=True)
+    for image in chosen:
+        (folder / "images" / image).symlink_to(source / "images" / image)
+    lines = [rows[0]] + [row for row in rows[1:] if row.split(",")[0] in chosen]
+    (folder / "captions.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.shared
 def test_the_real_flickr8k_demo_from_shared(tmp_path: Path) -> None:
-    """The real recipe on ../shared's 800 Flickr8k photos, EfficientNet-Lite2 and MiniLM, two epochs instead of
-    ten: about 40 minutes on 2 busy shared CPU cores (the full demo build took 45; features of 800 photos x 3
-    views, 40,000 voiced captions encoded for training and again for the index), under 15 on an idle machine."""
+    """The real recipe (voices, EfficientNet-Lite2 and MiniLM from ../shared, training, the voiced index) on
+    60 of ../shared's Flickr8k photos, two epochs: the whole path a user's --data takes, in minutes. (The full
+    800-photo demo build took 45 minutes on 2 busy cores; README.)"""
     import transresnet.service.demo as demo
     from fastapi.testclient import TestClient
     from transresnet.service.main import create_app
@@ -337,7 +356,7 @@ def test_the_real_flickr8k_demo_from_shared(tmp_path: Path) -> None:
 
     from transresnet.voices import VOICES
 
-    data = shared_path("data", "flickr8k-1k")
+    data = _shared_subset(tmp_path / "data", train=50, val=10)
     checkpoint, index_root = demo.ensure_demo(tmp_path / "demo", "flickr8k", data=data,
                                               overrides=["train.epochs=2"])
     settings = ServiceSettings(_env_file=None, checkpoint=checkpoint, index_root=index_root, device="cpu")
@@ -345,7 +364,7 @@ def test_the_real_flickr8k_demo_from_shared(tmp_path: Path) -> None:
         ready = client.get("/readyz").json()
         assert "Flickr8k photos" in ready["model"]["description"]
         assert "tf_efficientnet_lite2 image encoder" in ready["model"]["description"]
-        assert ready["index"]["size"] == 39986  # 800 photos x 5 captions x 10 voices, 14 duplicates dropped
+        assert 0.99 * 60 * 5 * len(VOICES) <= ready["index"]["size"] <= 60 * 5 * len(VOICES)  # a few duplicates
         samples = client.get("/v1/samples").json()["samples"]
         val = {line.split(",")[0] for line in (data / "captions.csv").read_text().splitlines() if ",val," in line}
         assert len(samples) == 8 and {s["name"] for s in samples} <= val
