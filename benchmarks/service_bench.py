@@ -49,6 +49,8 @@ def start_server(args: argparse.Namespace, batching: bool, generator: Path | Non
             flags += [flag, str(value)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
+    if args.image_precision:
+        flags += ["--image-precision", args.image_precision]
     if not batching:
         flags.append("--no-batching")
     label = "generator" if generator is not None else "batched" if batching else "unbatched"
@@ -173,7 +175,7 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
 
     settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None)
     configure_threads(settings)
-    bundle = load_bundle(args.checkpoint, args.index, device="cpu")
+    bundle = load_bundle(args.checkpoint, args.index, device="cpu", image_precision=args.image_precision or "float32")
     slots = tuple(bundle.checkpoint.traits.lookup(t) for t in args.personality)
     limits = {"max_bytes": settings.max_upload_bytes, "max_pixels": settings.max_pixels, "min_side": bundle.min_side}
     stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "encode": [], "search": []}
@@ -242,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-search-batch", type=int, help="server --max-search-batch (default: the server's)")
     parser.add_argument("--max-wait-ms", type=float, help="server --max-wait-ms (default: the server's)")
     parser.add_argument("--threads", type=int, default=0, help="server torch/FAISS threads (0 = default)")
+    parser.add_argument("--image-precision", help="the image runtime of the floor and the server (default: the "
+                                                  "server's, float32)")
     parser.add_argument("--generator", type=Path, help="a caption-generator checkpoint: also measure --modes")
     parser.add_argument("--modes", nargs="+", choices=["retrieve", "generate", "hybrid"],
                         default=["retrieve", "generate", "hybrid"], help="modes measured with --generator")
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "checkpoint": str(args.checkpoint), "index": str(args.index), "images": len(bodies),
         "personality": args.personality, "k": args.k, "max_batch": args.max_batch,
+        "image_precision": args.image_precision or "float32",
         "max_search_batch": args.max_search_batch, "max_wait_ms": args.max_wait_ms,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "floor_ms": floor, "batching_on": batched, "batching_off": unbatched,
