@@ -17,6 +17,7 @@ the same references.
 
     python benchmarks/generate_table.py                      # every row (trains what is missing)
     python benchmarks/generate_table.py --only updown updown-beam5 retrieval --epochs 10
+    python benchmarks/generate_table.py --show --markdown    # the JSON's rows as a markdown table
 
 Training runs go to ``runs/generate_table/<run>``; a run is reused when its folder (or any ``runs/*``
 folder) holds a finished run of the same resolved config. Scored rows are cached in the JSON by a key of
@@ -35,7 +36,9 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -128,6 +131,8 @@ class Context:
     epochs: int | None = None
     threads: int = 0
     device: str = "auto"
+    indexes: dict[str, Path] = field(default_factory=dict)
+    """Retrieval rows: an existing flat index of the whole pool for the row's checkpoint (row name -> INDEX_ROOT)."""
     cached: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -178,10 +183,11 @@ def finished_run(spec: RowSpec, ctx: Context) -> Path | None:
     return next((p for p in candidates if _same_config(p, wanted)), None)
 
 
-def train_command(spec: RowSpec, ctx: Context, out: Path) -> list[str]:
+def train_command(spec: RowSpec, ctx: Context, out: Path, *, threads: bool = True) -> list[str]:
+    """The ``transresnet train`` command of the row (``threads``: with this invocation's --threads)."""
     sets = [part for o in train_overrides(spec, ctx) for part in ("--set", o)]
-    threads = ["--threads", str(ctx.threads)] if ctx.threads else []
-    return ["transresnet", "train", "--config", str(spec.config), *sets, "--out", str(out), *threads]
+    flags = ["--threads", str(ctx.threads)] if ctx.threads and threads else []
+    return ["transresnet", "train", "--config", str(spec.config), *sets, "--out", str(out), *flags]
 
 
 def train_row(spec: RowSpec, ctx: Context) -> Path:
@@ -239,6 +245,8 @@ def row_key(spec: RowSpec, ctx: Context, checkpoint: Path) -> str:
         parts["config"] = dump_config(resolved_config(spec, ctx))
     if spec.kind == "retrieval":
         parts["pool"] = spec.pool
+        if spec.name in ctx.indexes:
+            parts["index"] = str(ctx.indexes[spec.name])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -251,7 +259,7 @@ def eval_options(spec: RowSpec, checkpoint: Path, out: Path, device: str):
 
 def eval_folder(spec: RowSpec, ctx: Context) -> Path:
     """The row's eval report (and the retrieval rows' pool and index), beside the table's runs."""
-    return ctx.runs / "eval" / (f"{spec.name}_e{ctx.epochs}" if ctx.epochs and spec.config else spec.name)
+    return ctx.runs / "eval" / spec.name.replace("@e", "_e")
 
 
 def score_generator(spec: RowSpec, checkpoint: Path, ctx: Context) -> tuple[dict[str, Any], list[str]]:
@@ -284,19 +292,39 @@ def pool_without(pool: str, excluded_images: set[str], out: Path) -> tuple[Path,
 
 
 def pool_index(checkpoint, pool_csv: Path, root: Path):
-    """The flat (exact) index of ``pool_csv`` for ``checkpoint``: loaded when built before, else built."""
+    """The flat (exact) index of ``pool_csv`` for ``checkpoint``: loaded when built before, else built (the
+    captions encoded in the build's ``auto`` precision: reduced only within its bound of float32)."""
     from transresnet.index import BuildOptions, build_index, load_index
 
     with contextlib.suppress(Exception):  # none yet, or built for another checkpoint or pool
         index = load_index(root, checkpoint=checkpoint)
         if index.manifest.get("source", {}).get("path") == str(pool_csv):
             return index
-    build_index(checkpoint, pool_csv, root, BuildOptions(index_type="flat", precision="float32"))
+    build_index(checkpoint, pool_csv, root, BuildOptions(index_type="flat", precision="auto"))
     return load_index(root, checkpoint=checkpoint)
 
 
+def top1_outside(index, vectors, excluded_images: set[str], pool: str) -> list[str]:
+    """Each query's best caption whose photo is not one of ``excluded_images``: an index built without them
+    answers with its top-1; an index of the whole pool is searched deep enough to pass all of their captions."""
+    if "image" not in index.manifest.get("columns", []):
+        return [found[0].caption for found in index.search(vectors, 1)]
+    with open(pool, newline="") as handle:
+        inside = sum(1 for row in csv.DictReader(handle) if Path(row["image"]).name in excluded_images)
+    hits = index.search(vectors, min(inside + 1, len(index)))
+    return [next(h.caption for h in found if Path(str(h.metadata.get("image"))).name not in excluded_images)
+            for found in hits]
+
+
 def score_retrieval(spec: RowSpec, checkpoint_dir: Path, ctx: Context) -> tuple[dict[str, Any], list[str]]:
-    """Top-1 caption of the pool (the split's photos' captions left out) for each query, scored as captions."""
+    """Top-1 caption of the pool (the split's photos' captions left out) for each query, scored as captions.
+
+    The pool is ``spec.pool`` without those captions, indexed flat (exact) for the checkpoint; or, given
+    ``ctx.indexes[spec.name]``, an existing flat index of the whole pool whose hits of those photos are
+    skipped (the same ranking, without encoding the pool again).
+    """
+    from transresnet.index import load_index
+
     from transresnet.checkpoint import load_checkpoint
     from transresnet.data import load_dataset
     from transresnet.devices import resolve_device
@@ -307,44 +335,54 @@ def score_retrieval(spec: RowSpec, checkpoint_dir: Path, ctx: Context) -> tuple[
     options = eval_options(spec, checkpoint_dir, eval_folder(spec, ctx), ctx.device)
     checkpoint = load_checkpoint(checkpoint_dir, device=resolve_device(ctx.device))
     queries = group_queries(load_records(options))
+    excluded = {q.image_path.name for q in queries}
     work = eval_folder(spec, ctx)
-    pool_csv, pool_counts = pool_without(spec.pool, {q.image_path.name for q in queries}, work / "pool.csv")
-    index = pool_index(checkpoint, pool_csv, work / "index")
+    given = ctx.indexes.get(spec.name)
+    if given is not None:
+        index, pool_counts = load_index(given, checkpoint=checkpoint), {}
+        how = (f"# = the flat index {given} of {spec.pool} (built for this checkpoint), hits of the "
+               f"{spec.split} photos skipped, each {spec.split} photo's top-1")
+    else:
+        pool_csv, pool_counts = pool_without(spec.pool, excluded, work / "pool.csv")
+        index = pool_index(checkpoint, pool_csv, work / "index")
+        how = (f"# = transresnet index build --checkpoint {checkpoint_dir} --captions {pool_csv} --out "
+               f"{work / 'index'} --type flat, then each {spec.split} photo's top-1")
     started = time.perf_counter()
     paths = list(dict.fromkeys(q.image_path for q in queries))
     features = image_features(checkpoint, paths, feature_cache=None, batch_size=64)
     row = {p: i for i, p in enumerate(paths)}
     slots = trait_slots(checkpoint, [q.trait for q in queries], spec.traits, 0)
     vectors = query_vectors(checkpoint, features[[row[q.image_path] for q in queries]], slots, 64)
-    hits = index.search(vectors, 1)
-    captions = [found[0].caption for found in hits]
+    captions = top1_outside(index, vectors, excluded, spec.pool)
     train = load_dataset(FLICKR, split="train").records if Path(FLICKR).is_file() else []
-    metrics = score_queries(queries, captions, training_captions=[r.caption for r in train])
-    report = {**metrics, **pool_counts, "pool_captions_indexed": len(index), "search_s":
-              round(time.perf_counter() - started, 2),
+    metrics = score_queries(queries, captions, training_captions=[r.caption for r in train],
+                            meteor=shutil.which("java") is not None)
+    report = {**metrics, **pool_counts, "pool_captions_indexed": len(index), "index": str(index.path),
+              "index_precision": index.manifest.get("encoding", {}).get("precision"),
+              "search_s": round(time.perf_counter() - started, 2),
               "examples": [{"image": q.image_id, "caption": c, "references": list(q.references[:2])}
                            for q, c in list(zip(queries, captions, strict=True))[:10]]}
     work.mkdir(parents=True, exist_ok=True)
     (work / "eval.json").write_text(json.dumps(report, indent=1))
-    command = ["python", "benchmarks/generate_table.py", "--only", spec.name,
-               f"# = transresnet index build --checkpoint {checkpoint_dir} --captions {pool_csv} --out "
-               f"{work / 'index'} --type flat --precision float32, then each {spec.split} photo's top-1"]
-    return report, command
+    extra = ["--index-for", f"{spec.name}={given}"] if given is not None else []
+    return report, ["python", "benchmarks/generate_table.py", "--only", spec.name, *extra, how]
 
 
 # ---------------------------------------------------------------------------------------------- rows
 
 
 def checkpoint_for(spec: RowSpec, ctx: Context, *, train: bool) -> tuple[Path | None, list[str] | None, Path | None]:
-    """(best checkpoint, training command, run folder), training first when ``train`` and none is finished."""
+    """(best checkpoint, training command, run folder), training first when ``train`` and none is finished
+    (a finished run's command is the config and overrides that reproduce it, without thread flags)."""
     if spec.checkpoint is not None:
         return Path(spec.checkpoint), None, None
     run = finished_run(spec, ctx)
+    trained_here = run is None
     if run is None:
         if not train:
             return None, None, None
         run = train_row(spec, ctx)
-    return run / "best", train_command(spec, ctx, run), run
+    return run / "best", train_command(spec, ctx, run, threads=trained_here), run
 
 
 def run_row(spec: RowSpec, ctx: Context) -> dict[str, Any]:
@@ -376,7 +414,7 @@ def run_row(spec: RowSpec, ctx: Context) -> dict[str, Any]:
     if run is not None:
         row["training"] = training_summary(run)
         row["run"] = str(run)
-    for extra in ("pool_rows", "excluded_rows", "pool_captions_indexed"):
+    for extra in ("pool_rows", "excluded_rows", "pool_captions_indexed", "index", "index_precision"):
         if extra in report:
             row[extra] = report[extra]
     row["examples"] = report.get("examples", [])[:5]
@@ -390,7 +428,8 @@ def run_row(spec: RowSpec, ctx: Context) -> dict[str, Any]:
 def locked(path: Path) -> Iterator[None]:
     """Several invocations (different --only rows) may write the one JSON: one at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as handle:
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"generate_table-{digest}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -409,7 +448,8 @@ def save_row(path: Path, row: dict[str, Any], order: Sequence[str]) -> dict[str,
     with locked(path):
         rows = read_rows(path)
         rows[row["name"]] = {k: v for k, v in row.items() if k != "cached"}
-        ranked = sorted(rows.values(), key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order)))
+        ranked = sorted(rows.values(), key=lambda r: (order.index(base_name(r["name"]))
+                                                      if base_name(r["name"]) in order else len(order), r["name"]))
         data = {"benchmark": "generate_table", "machine": machine(), "rows": ranked}
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(data, indent=1) + "\n")
@@ -456,6 +496,16 @@ def select(names: Sequence[str] | None, specs: Sequence[RowSpec] = ROWS) -> list
     return [known[n] for n in names]
 
 
+def budgeted(specs: Sequence[RowSpec], epochs: int) -> list[RowSpec]:
+    """``--epochs N``: the trained rows as rows of their own, ``NAME@eN`` (a full-budget row keeps its name)."""
+    return [replace(s, name=f"{s.name}@e{epochs}", what=f"{s.what} ({epochs} epochs at most)")
+            if s.config else s for s in specs]
+
+
+def base_name(name: str) -> str:
+    return name.split("@e")[0]
+
+
 def run_rows(specs: Sequence[RowSpec], ctx: Context, json_path: Path,
              order: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Score each row (cached ones from the JSON), merging each into ``json_path`` as it finishes."""
@@ -480,6 +530,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--runs", type=Path, default=RUNS, help="run folders (default: runs/generate_table)")
     parser.add_argument("--out", type=Path, default=JSON_PATH, help="JSON of the rows")
+    parser.add_argument("--index-for", action="append", default=[], metavar="ROW=INDEX_ROOT",
+                        help="a retrieval row: search this existing flat index of the whole pool (built for the "
+                             "row's checkpoint), skipping the val photos' captions, instead of building one")
+    parser.add_argument("--show", action="store_true", help="print the table of the JSON's rows; run nothing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--no-adopt", action="store_true", help="do not reuse finished runs elsewhere in runs/")
     return parser.parse_args(argv)
 
@@ -490,15 +545,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(REPO)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.show:
+        rows = read_rows(args.out)
+        ordered = sorted(rows.values(), key=lambda r: ([s.name for s in ROWS] + [base_name(r["name"])]).index(
+            base_name(r["name"])))
+        print(markdown_table(ordered) if args.markdown else table(table_rows(ordered), HEADER))
+        return 0
     specs = select(args.only)
     if args.epochs is not None:
-        specs = [replace(s, what=f"{s.what} ({args.epochs} epochs at most)") if s.config and s.kind == "generate"
-                 else s for s in specs]
+        specs = budgeted(specs, args.epochs)
     ctx = Context(runs=args.runs, adopt_from=None if args.no_adopt else Path("runs"), epochs=args.epochs,
-                  threads=args.threads, device=args.device)
+                  threads=args.threads, device=args.device,
+                  indexes={row: Path(path) for row, _, path in (item.partition("=") for item in args.index_for)})
     rows = run_rows(specs, ctx, args.out, order=[s.name for s in ROWS])
-    ordered = [rows[s.name] for s in ROWS if s.name in rows]
-    print(table(table_rows(ordered), HEADER))
+    ordered = list(read_rows(args.out).values())
+    print(markdown_table(ordered) if args.markdown else table(table_rows(ordered), HEADER))
     print(f"wrote {args.out}")
     return 0
 
