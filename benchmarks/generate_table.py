@@ -102,7 +102,7 @@ ROWS: tuple[RowSpec, ...] = (
             run="updown_gru"),
     RowSpec("updown-rnn", "UpDown, plain tanh RNN cells, beam 3", config=UPDOWN,
             overrides=("model.decoder.cell=rnn",), run="updown_rnn"),
-    RowSpec("updown-pretrain", "UpDown, LSTM, decoder LM-pretrained on the 40k pool (val photos excluded), beam 3",
+    RowSpec("updown-pretrain", "UpDown, LSTM, decoder LM-pretrained on the 39k pool (val photos excluded), beam 3",
             config="configs/flickr8k_updown_pretrain.yaml", run="updown_pretrain"),
     RowSpec("synthetic-updown", "UpDown with the personality encoder (configs/synthetic_updown.yaml), beam 3",
             config="configs/synthetic_updown.yaml", run="synthetic_updown", data=SYNTHETIC, split="test"),
