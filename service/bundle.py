@@ -101,9 +101,8 @@ class Bundle:
 def prepare_images(checkpoint: Checkpoint, precision: ImagePrecision) -> None:
     """Install the image encoder runtime ``precision`` (checked against float32 on the checkpoint's held-out
     photos where they are on this machine, the ones GET /v1/samples offers, else on synthetic images)."""
-    from transresnet.image_runtime import apply_image_precision, calibration_from_files, held_out_photos
-
     from transresnet.fusion import check_sample, folded_for_inference
+    from transresnet.image_runtime import apply_image_precision, calibration_from_files, held_out_photos
 
     model = checkpoint.model
     # The frozen batch norms folded into the convolutions (1.2-1.5x per image, docs/results.md; checked
