@@ -108,6 +108,19 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
     }
 
 
+def run_levels(base_url: str, bodies: list[tuple[bytes, str]], levels: list[int], requests: int,
+               **labels: Any) -> list[dict[str, Any]]:
+    """One :func:`run_level` per concurrency level, each result tagged with ``labels`` (and logged)."""
+    results = []
+    for concurrency in levels:
+        result = {**asyncio.run(run_level(base_url, bodies, concurrency, requests)), **labels}
+        logger.info("%s concurrency=%d: p50 %.1f ms, %.1f req/s, %d errors",
+                    " ".join(f"{k}={v}" for k, v in labels.items()), concurrency, result["p50_ms"], result["rps"],
+                    result["errors"])
+        results.append(result)
+    return results
+
+
 def load_bodies(args: argparse.Namespace, mode: str = "retrieve") -> list[tuple[bytes, str]]:
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
     if not paths:
@@ -125,12 +138,7 @@ def bench_modes(args: argparse.Namespace) -> list[dict[str, Any]]:
         for mode in args.modes:
             bodies = load_bodies(args, mode)
             asyncio.run(run_level(server.base_url, bodies, 2, min(args.warmup, 10)))
-            for concurrency in args.concurrency:
-                result = asyncio.run(run_level(server.base_url, bodies, concurrency, args.mode_requests))
-                result["mode"] = mode
-                logger.info("mode=%s concurrency=%d: p50 %.1f ms, %.1f req/s, %d errors", mode, concurrency,
-                            result["p50_ms"], result["rps"], result["errors"])
-                results.append(result)
+            results += run_levels(server.base_url, bodies, args.concurrency, args.mode_requests, mode=mode)
         return results
     finally:
         server.stop()
@@ -152,14 +160,7 @@ def bench_mode(args: argparse.Namespace, bodies: list[tuple[bytes, str]], batchi
     try:
         server.start()
         asyncio.run(run_level(server.base_url, bodies, 4, args.warmup))  # warm caches, allocator, JIT paths
-        results = []
-        for concurrency in args.concurrency:
-            result = asyncio.run(run_level(server.base_url, bodies, concurrency, args.requests))
-            result["batching"] = batching
-            logger.info("batching=%s concurrency=%d: p50 %.1f ms, %.1f req/s, %d errors", batching, concurrency,
-                        result["p50_ms"], result["rps"], result["errors"])
-            results.append(result)
-        return results
+        return run_levels(server.base_url, bodies, args.concurrency, args.requests, batching=batching)
     finally:
         server.stop()
 
