@@ -287,12 +287,12 @@ class Ranker:
         """One decode of the upload, preprocessed for each model (once when their preprocessing is the same)."""
         image = decode_image(data, max_bytes=self.settings.max_upload_bytes, max_pixels=self.settings.max_pixels,
                              min_side=min_side)
+        keys = [p.identity() for p in preprocessors]
         done: dict[str, torch.Tensor] = {}
-        for preprocessor in preprocessors:
-            key = preprocessor.identity()
+        for key, preprocessor in zip(keys, preprocessors, strict=True):
             if key not in done:
                 done[key] = preprocessor(image)
-        return [done[p.identity()] for p in preprocessors]
+        return [done[key] for key in keys]
 
     async def _in_pool(self, fn: Callable[..., Item], *args: Any, on_done: Callable[[], None] | None = None) -> Item:
         """``fn(*args)`` on the decode pool. ``on_done`` runs (on the loop) once the work has really finished or
