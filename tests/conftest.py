@@ -162,11 +162,16 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 @pytest.fixture(scope="session")
 def tiny_generator_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny UpDown generator checkpoint taught the service captions in their voices (tests/helpers.py)."""
-    from tests.helpers import train_tiny_generator
+    from tests.helpers import torch_threads, train_tiny_generator
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two contending ones
-    try:
+    with torch_threads(1):
         return train_tiny_generator(tmp_path_factory.mktemp("generator") / "best", steps=100)
-    finally:
-        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the test (tiny generator models train faster so)."""
+    from tests.helpers import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -6,6 +6,8 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,18 @@ SHARED = REPO.parent / "shared"
 CONFIGS_DIR = REPO / "configs"
 TINY_TRAITS = ["Sarcastic", "Sweet", "Angry", "Cheerful"]
 ADMIN_TOKEN = "test-admin-token"
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Torch's intra-op threads set to ``count`` for the block (tiny matrices: one thread is faster than two
+    contending ones), then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def shared_path(*parts: str) -> Path:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -25,12 +24,7 @@ def generate_table():
         sys.path.remove(str(BENCHMARKS))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(dataset: Path, cache: Path, out: Path) -> Path:

@@ -28,14 +28,7 @@ from transresnet.generation.pretrain import (
 from transresnet.generation.vocab import BOS_ID, EOS_ID, Vocabulary
 from transresnet.train import list_states
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster than two contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _captions() -> tuple[list[str], list[str]]:

@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import torch_threads
 from transresnet.config import build_config
 from transresnet.generation.checkpoint import CaptionModel, load_generator
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
 from transresnet.generation.train import GeneratorTrainer, train_generator
 from transresnet.traits import UnknownTraitError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is faster than two contending ones (and than other processes' threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def generator_tree(dataset: Path, cache: Path, **model: object) -> dict:
@@ -50,14 +44,10 @@ def generator_tree(dataset: Path, cache: Path, **model: object) -> dict:
 def trained(synthetic_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("updown")
     config = build_config(generator_tree(synthetic_dataset, out / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two contending ones
-    try:
+    with torch_threads(1):
         trainer = GeneratorTrainer(config, out / "run")
         untrained = trainer.validate()
         result = trainer.run()
-    finally:
-        torch.set_num_threads(threads)
     return trainer, result, untrained
 
 
