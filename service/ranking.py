@@ -397,7 +397,8 @@ class Ranker:
             retrieval_pixels, generator_pixels = await self._pixels(
                 upload, [plan.bundle.preprocessor, plan.generator.preprocessor], timings)
             (hits, queries), generation = await both(
-                self._retrieve(plan.bundle, retrieval_pixels, plan.trait_ids, plan.k, timings, sizes),
+                self._retrieve(plan.bundle, retrieval_pixels, plan.trait_ids, min(plan.k, len(plan.bundle.index)),
+                               timings, sizes),
                 self._generate(plan, generator_pixels, plan.decoding.beam_size, timings, sizes))
             texts = [tuple(h.caption for h in row) + tuple(b.caption for b in beams)
                      for row, beams in zip(hits, generation.beams, strict=True)]

@@ -128,6 +128,16 @@ def test_hybrid_reranks_retrieved_and_generated_by_the_retrieval_score(client, g
     assert body["timings"]["rescore_ms"] > 0 and body["timings"]["search_ms"] > 0
 
 
+def test_hybrid_with_k_over_the_index_size_returns_every_candidate(client) -> None:
+    """k may exceed a small index (40 captions here): hybrid then ranks the whole index and the beams."""
+    body = post(client, image_bytes(seed=13), ["Sweet"], k=100, mode="hybrid").json()
+    captions = body["results"][0]["captions"]
+    assert 40 <= len(captions) <= 43 and len({c["caption"] for c in captions}) == len(captions)
+    assert {c["source"] for c in captions} >= {"retrieved"} and any(c["source"] != "retrieved" for c in captions)
+    scores = [c["score"] for c in captions]
+    assert scores == sorted(scores, reverse=True)
+
+
 def test_batched_generation_equals_one_by_one(generator_path: Path) -> None:
     from transresnet.service.generating import GenerateJob, generate_jobs, load_generator_bundle
 
