@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -212,3 +214,12 @@ def train_tiny_generator(out: Path, steps: int = 120) -> Path:
         optimizer.step()
     model.decoder.eval()
     return save_generator(model, out, metrics={"train_loss": float(loss.detach())})
+
+
+def stop_server_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM a `transresnet serve` subprocess (a graceful shutdown), killing it if it outlives ``timeout``."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,14 @@ import httpx
 import pytest
 from transresnet.service.readiness import wait_until_ready
 
-from tests.helpers import ADMIN_TOKEN, assert_same_ranking, free_port, image_bytes, reference_ranking
+from tests.helpers import (
+    ADMIN_TOKEN,
+    assert_same_ranking,
+    free_port,
+    image_bytes,
+    reference_ranking,
+    stop_server_process,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,11 +43,7 @@ def server_process(tiny_checkpoint, service_index_root, tmp_path_factory) -> Ite
             raise RuntimeError(f"{err}\n{output}") from None
         yield base_url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server_process(process)
 
 
 def test_real_server_answers(server_process, tiny_checkpoint, service_index_root):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, image_bytes
+from tests.helpers import free_port, image_bytes, stop_server_process
 from transresnet.checkpoint import Checkpoint
 from transresnet.generation.checkpoint import GeneratorCheckpoint, load_generator
 from transresnet.images import ImagePreprocessor
@@ -257,11 +256,7 @@ def test_real_server_serves_all_three_modes(tiny_checkpoint, service_index_root,
         assert {c["source"] for c in answers["retrieve"].json()["results"][0]["captions"]} == {"retrieved"}
         assert len(answers["hybrid"].json()["results"][0]["captions"]) == 3
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server_process(process)
 
 
 def test_side_by_side_stages_cancel_each_other_on_failure() -> None:
