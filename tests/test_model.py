@@ -10,6 +10,7 @@ from transresnet.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from transresnet.config import load_config
 from transresnet.loss import InBatchSoftmaxLoss
 from transresnet.model import create_model
+from transresnet.runtime import eval_mode
 from transresnet.traits import TraitVocab
 
 CAPTIONS = ["a red circle", "two blue squares", "what a gloomy triangle", "three happy stars"]
@@ -130,3 +131,26 @@ def test_a_text_model_path_that_does_not_exist_is_not_looked_up_on_the_hub(tmp_p
         resolve_text_model("./models/minilm")
     assert resolve_text_model("sentence-transformers/all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"
     assert Path(resolve_text_model("all-MiniLM-L6-v2")).is_dir()  # the bundled package, never the hub
+
+
+def test_eval_mode_switches_a_training_model_and_restores_each_module() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2))
+    net.train()
+    net[2].eval()  # a frozen part kept in eval by its owner, as TransResNet keeps a frozen backbone
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        out = net(torch.ones(3, 2))
+        assert torch.equal(out, net(torch.ones(3, 2)))  # dropout off: deterministic
+    assert net.training and net[1].training
+    net.eval()
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert not any(m.training for m in net.modules())  # an eval model is left untouched
+
+
+def test_eval_mode_restores_the_mode_after_an_error() -> None:
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    net.train()
+    with pytest.raises(RuntimeError), eval_mode(net):
+        raise RuntimeError("boom")
+    assert net.training and net[0].training
