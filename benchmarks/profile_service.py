@@ -30,7 +30,7 @@ from _common import ServeProcess, machine, setup_env  # the script folder is on 
 
 setup_env()
 
-from service_bench import load_bodies, run_level  # noqa: E402
+from service_bench import SERVER_FLAGS, add_server_arguments, load_bodies, run_level, server_flags  # noqa: E402
 
 from transresnet.tables import format_table  # noqa: E402
 
@@ -104,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0, help="profiled window")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    add_server_arguments(parser)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/profile_service.json")
     args = parser.parse_args(argv)
     args.personality = args.personality or ["none"]
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     raw = args.out.with_suffix(".collapsed.txt")
     bodies = load_bodies(args, args.mode)
-    flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
+    flags = server_flags(args)
     if args.generator:
         flags += ["--generator", str(args.generator)]
     server = ServeProcess(flags, args.out.with_suffix(".server.log"))
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     summary = summarise(raw)
     report = {"checkpoint": str(args.checkpoint), "index": str(args.index), "mode": args.mode,
+              "server": {name: getattr(args, name) for name in SERVER_FLAGS},
               "generator": str(args.generator) if args.generator else None, "concurrency": args.concurrency,
               "seconds": args.seconds, "load": load, "machine": machine(), "raw_stacks": str(raw), **summary}
     args.out.write_text(json.dumps(report, indent=1))

@@ -38,19 +38,36 @@ logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
 
 
+SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision", "encode_workers")
+"""The `transresnet serve` settings a benchmark passes through (see :func:`add_server_arguments`)."""
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server settings under test, shared with benchmarks/profile_service.py (unset: the server's)."""
+    parser.add_argument("--max-batch", type=int, help="server --max-batch (default: the server's)")
+    parser.add_argument("--max-search-batch", type=int, help="server --max-search-batch (default: the server's)")
+    parser.add_argument("--max-wait-ms", type=float, help="server --max-wait-ms (default: the server's)")
+    parser.add_argument("--threads", type=int, help="server torch threads (default: the server's)")
+    parser.add_argument("--encode-workers", type=int, help="server --encode-workers (default: the server's)")
+    parser.add_argument("--image-precision", help="the image runtime of the floor and the server (default: the "
+                                                  "server's, float32)")
+
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """`transresnet serve` flags of the checkpoint, index and :data:`SERVER_FLAGS` under test."""
+    flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
+    for name in SERVER_FLAGS:
+        value = getattr(args, name)
+        if value:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
 def start_server(args: argparse.Namespace, batching: bool, generator: Path | None = None) -> ServeProcess:
     """`transresnet serve` of the checkpoint and index under test, batched or not, with a generator or not."""
-    flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
+    flags = server_flags(args)
     if generator is not None:
         flags += ["--generator", str(generator)]
-    for flag, value in (("--max-batch", args.max_batch), ("--max-search-batch", args.max_search_batch),
-                        ("--max-wait-ms", args.max_wait_ms)):
-        if value is not None:
-            flags += [flag, str(value)]
-    if args.threads:
-        flags += ["--threads", str(args.threads)]
-    if args.image_precision:
-        flags += ["--image-precision", args.image_precision]
     if not batching:
         flags.append("--no-batching")
     label = "generator" if generator is not None else "batched" if batching else "unbatched"
@@ -174,7 +191,8 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
     from transresnet.service.resources import configure_threads
     from transresnet.service.settings import ServiceSettings
 
-    settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None)
+    settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None,
+                               encode_workers=args.encode_workers or 1)  # a lone request runs as in the service
     configure_threads(settings)
     bundle = load_bundle(args.checkpoint, args.index, device="cpu", image_precision=args.image_precision or "float32")
     slots = tuple(bundle.checkpoint.traits.lookup(t) for t in args.personality)
@@ -241,12 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--personality", action="append", help="repeatable (default: none)")
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, help="server --max-batch (default: the server's)")
-    parser.add_argument("--max-search-batch", type=int, help="server --max-search-batch (default: the server's)")
-    parser.add_argument("--max-wait-ms", type=float, help="server --max-wait-ms (default: the server's)")
-    parser.add_argument("--threads", type=int, default=0, help="server torch/FAISS threads (0 = default)")
-    parser.add_argument("--image-precision", help="the image runtime of the floor and the server (default: the "
-                                                  "server's, float32)")
+    add_server_arguments(parser)
     parser.add_argument("--generator", type=Path, help="a caption-generator checkpoint: also measure --modes")
     parser.add_argument("--modes", nargs="+", choices=["retrieve", "generate", "hybrid"],
                         default=["retrieve", "generate", "hybrid"], help="modes measured with --generator")
@@ -280,9 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = bench_modes(args) if args.generator is not None else []
     report = {
         "checkpoint": str(args.checkpoint), "index": str(args.index), "images": len(bodies),
-        "personality": args.personality, "k": args.k, "max_batch": args.max_batch,
+        "personality": args.personality, "k": args.k, "server": {name: getattr(args, name) for name in SERVER_FLAGS},
         "image_precision": args.image_precision or "float32",
-        "max_search_batch": args.max_search_batch, "max_wait_ms": args.max_wait_ms,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "floor_ms": floor, "batching_on": batched, "batching_off": unbatched,
         "generator": str(args.generator) if args.generator else None, "beam_size": args.beam_size, "modes": modes,

@@ -247,7 +247,8 @@ class Ranker:
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.encoder: MicroBatcher[EncodeJob, np.ndarray] = MicroBatcher(
             encode_jobs, name="encode", max_batch=settings.effective_max_batch, max_wait_s=wait_s,
-            expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n))
+            expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n),
+            workers=settings.encode_workers)
         self.searcher: MicroBatcher[SearchJob, list[list[Any]]] = MicroBatcher(
             search_jobs, name="search", max_batch=settings.effective_max_search_batch, max_wait_s=wait_s,
             expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n),

@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def configure_threads(settings: ServiceSettings) -> None:
-    """Torch's intra-op threads (a process-wide setting that each thread picks up on its first torch op).
-    FAISS's count is per thread: the search worker sets its own (``ranking.set_search_threads``)."""
-    if settings.cpu_threads:
-        torch.set_num_threads(settings.cpu_threads)
+    """Torch's intra-op threads (a process-wide setting that each thread picks up on its first torch op; ONNX
+    Runtime sessions are opened with the same count), shared out between the encode workers. FAISS's count
+    is per thread: the search worker sets its own (``ranking.set_search_threads``)."""
+    threads = settings.cpu_threads or torch.get_num_threads()
+    if settings.cpu_threads or settings.encode_workers > 1:
+        torch.set_num_threads(max(1, threads // settings.encode_workers))
 
 
 def warm_up(bundle: Bundle) -> None:

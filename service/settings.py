@@ -90,6 +90,10 @@ class ServiceSettings(BaseSettings):
 
     cpu_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads (image encoding); None = torch's default (the physical cores)."""
+    encode_workers: int = Field(1, ge=1)
+    """Threads that run image-encoder batches side by side, each on ``cpu_threads / encode_workers`` intra-op
+    threads (torch and ONNX Runtime alike): two single-threaded passes do not wait for each other at every
+    operator as the two threads of one pass do, which matters when decoding and search share the cores."""
     search_threads: int = Field(1, ge=1)
     """FAISS threads of the search worker: a flat search is memory-bound, so one thread leaves the other cores
     to the encoder. (Exact search of a few queries goes through numpy's BLAS, whose own thread pool follows

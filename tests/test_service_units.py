@@ -151,6 +151,76 @@ def test_batch_errors_reach_every_caller_and_worker_survives():
     assert not batcher.alive
 
 
+def test_batcher_workers_run_batches_side_by_side():
+    """Two workers on one queue: two batches overlap in time, every caller gets its own result."""
+    running = 0
+    overlap = 0
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def slow_double(items: list[int]) -> list[int]:
+        nonlocal running, overlap
+        with lock:
+            running += 1
+            overlap = max(overlap, running)
+            threads.add(threading.current_thread().name)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return [2 * i for i in items]
+
+    batcher = MicroBatcher(slow_double, name="w", max_batch=2, max_wait_s=0.0, workers=2)
+    batcher.start()
+
+    async def main() -> list:
+        return await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+
+    try:
+        assert batcher.alive and batcher.workers == 2
+        results = _run(main())
+    finally:
+        batcher.stop()
+    assert [value for value, _ in results] == [2 * i for i in range(8)]
+    assert overlap == 2 and threads == {"batcher-w-0", "batcher-w-1"}
+    assert not batcher.alive
+
+
+def test_stopping_workers_fails_what_is_still_queued():
+    release = threading.Event()
+    batcher = MicroBatcher(lambda items: (release.wait(5), items)[1], name="q", max_batch=1, max_wait_s=0,
+                           workers=2)
+    batcher.start()
+
+    async def main() -> list:
+        pending = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.05)  # two items are running, two wait in the queue
+        await asyncio.get_running_loop().run_in_executor(None, batcher.stop, 0.1)  # both workers still busy
+        release.set()
+        return await asyncio.gather(*pending, return_exceptions=True)
+
+    outcomes = _run(main())
+    assert [value for value, _ in outcomes[:2]] == [0, 1]  # the running batches finish
+    assert all(isinstance(err, RuntimeError) and "shut down" in str(err) for err in outcomes[2:])
+    for thread in batcher._threads:  # the busy workers found their stop markers afterwards
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def test_encode_workers_share_the_cpu_threads():
+    import torch
+    from transresnet.service.resources import configure_threads
+    from transresnet.service.settings import ServiceSettings
+
+    before = torch.get_num_threads()
+    try:
+        configure_threads(ServiceSettings(cpu_threads=4, encode_workers=2))
+        assert torch.get_num_threads() == 2
+        configure_threads(ServiceSettings(cpu_threads=2, encode_workers=4))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_stopped_batcher_refuses_work():
     batcher = MicroBatcher(lambda items: items, name="stopped", max_batch=2, max_wait_s=0)
     batcher.start()
