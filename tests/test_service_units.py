@@ -221,6 +221,36 @@ def test_encode_workers_share_the_cpu_threads():
         torch.set_num_threads(before)
 
 
+def test_encode_workers_set_their_own_torch_threads(service_settings):
+    """Each encode worker runs on cpu_threads / encode_workers torch threads, whatever its parent thread had."""
+    import torch
+    from transresnet.service.metrics import ServiceMetrics
+    from transresnet.service.resources import Resources
+
+    threads_before = torch.get_num_threads()
+    seen: list[tuple[str, int]] = []
+    settings = service_settings.model_copy(update={"encode_workers": 2, "cpu_threads": 2, "max_batch": 1})
+
+    def report(jobs: list) -> list:
+        time.sleep(0.05)  # long enough for the second item to reach the other worker
+        return [seen.append((threading.current_thread().name, torch.get_num_threads())) for _ in jobs]
+
+    async def start_and_look() -> None:
+        resources = Resources(settings, ServiceMetrics())
+        await resources.start()
+        try:
+            resources.ranker.encoder.fn = report
+            await asyncio.gather(*(resources.ranker.encoder.submit(object()) for _ in range(2)))
+        finally:
+            await resources.close()
+
+    try:
+        asyncio.run(start_and_look())
+    finally:
+        torch.set_num_threads(threads_before)
+    assert sorted(seen) == [("batcher-encode-0", 1), ("batcher-encode-1", 1)]
+
+
 def test_stopped_batcher_refuses_work():
     batcher = MicroBatcher(lambda items: items, name="stopped", max_batch=2, max_wait_s=0)
     batcher.start()
