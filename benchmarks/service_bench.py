@@ -38,6 +38,9 @@ logger = logging.getLogger("service_bench")
 REPO = Path(__file__).resolve().parents[1]
 
 
+STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "generate_queue", "generate",
+          "rescore_queue", "rescore")
+"""The per-stage timings a caption response carries (``timings.<stage>_ms``), summarised per level."""
 SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision", "encode_workers")
 """The `transresnet serve` settings a benchmark passes through (see :func:`add_server_arguments`)."""
 
@@ -80,6 +83,7 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
     seconds, when given); latency per request, wall-clock rate."""
     latencies: list[float] = []
     server_ms: list[float] = []
+    stage_ms: dict[str, list[float]] = {}
     batch_sizes: list[int] = []
     decode_steps: list[int] = []
     errors: dict[str, int] = {}
@@ -105,6 +109,9 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
                     continue
                 timings = response.json()["timings"]
                 server_ms.append(timings["total_ms"])
+                for stage in STAGES:
+                    if timings.get(f"{stage}_ms") is not None:
+                        stage_ms.setdefault(stage, []).append(timings[f"{stage}_ms"])
                 batch_sizes.append(timings.get("encode_batch_size") or timings.get("generate_batch_size") or 0)
                 if "decode_steps" in timings:
                     decode_steps.append(timings["decode_steps"])
@@ -120,6 +127,7 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
         "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
         "server_p50_ms": round(float(np.percentile(server_ms, 50)), 2) if server_ms else None,
+        "server_stage_p50_ms": {stage: round(float(np.median(values)), 2) for stage, values in stage_ms.items()},
         "mean_encode_batch": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
         "mean_decode_steps": round(float(np.mean(decode_steps)), 2) if decode_steps else None,
     }
