@@ -117,8 +117,10 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
                     decode_steps.append(timings["decode_steps"])
 
         began = time.perf_counter()
+        client_cpu = time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - began
+        client_cpu = time.process_time() - client_cpu
 
     ms = np.asarray(latencies) * 1000.0
     return {
@@ -127,6 +129,8 @@ async def run_level(base_url: str, bodies: list[tuple[bytes, str]], concurrency:
         "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2),
         "server_p50_ms": round(float(np.percentile(server_ms, 50)), 2) if server_ms else None,
+        # The load generator shares the machine: the cores it used are not the server's.
+        "client_cores": round(client_cpu / wall, 2),
         "server_stage_p50_ms": {stage: round(float(np.median(values)), 2) for stage, values in stage_ms.items()},
         "mean_encode_batch": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None,
         "mean_decode_steps": round(float(np.mean(decode_steps)), 2) if decode_steps else None,

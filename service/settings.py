@@ -76,9 +76,11 @@ class ServiceSettings(BaseSettings):
 
     batching: bool = True
     """Micro-batch image encoding and search across concurrent requests."""
-    max_batch: int = Field(4, ge=1)
-    """Most images encoded in one forward pass. On CPU, 4 costs least per image (larger batches fall out of
-    cache); on a GPU use 32 or more."""
+    max_batch: int = Field(16, ge=1)
+    """Most images encoded in one forward pass. Measured on 2 CPU cores at concurrency 32 (benchmarks/
+    service_bench.py, docs/results.md): 16 served 1.3x the requests/s of 4 with the float32 encoder at a lower
+    p99, and 1.2x those of 8 with ONNX Runtime; 32 filled no further. A lone request never waits for a batch
+    to fill. On a GPU use 32 or more."""
     max_search_batch: int = Field(64, ge=1)
     """Most requests searched in one FAISS call on CPU (a flat search reads the whole index once per call)."""
     max_search_batch_gpu: int = Field(512, ge=1)

@@ -144,7 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--device", choices=choices(Device), help="where the model runs (default auto)")
     serve.add_argument("--image-precision", choices=choices(ImagePrecision), help="image runtime (default float32)")
-    serve.add_argument("--max-batch", type=int, help="most images encoded together (default 4; 32+ on a GPU)")
+    serve.add_argument("--max-batch", type=int, help="most images encoded together (default 16; 32+ on a GPU)")
     serve.add_argument("--max-search-batch", type=int, help="most requests searched together (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     serve.add_argument("--max-in-flight", type=int,
