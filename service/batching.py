@@ -4,8 +4,8 @@ A worker takes the first queued item, then keeps collecting until it has ``max_b
 item has waited ``max_wait_s``, and runs the whole batch in one call. It stops waiting early when
 ``expect_more()`` says no other request is on its way (a lone request is never delayed for nothing).
 Blocking torch/FAISS work therefore never runs on the event loop. A stage may have several workers on one
-queue (``workers``): each collects and runs its own batches, so two single-threaded encoder passes overlap
-instead of one two-threaded pass whose threads wait for each other at every operator.
+queue (``workers``): each collects and runs its own batches, so that batches overlap where one batch cannot
+use every core well.
 """
 
 from __future__ import annotations
