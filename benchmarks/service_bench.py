@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "generate_queue", "generate",
           "rescore_queue", "rescore")
 """The per-stage timings a caption response carries (``timings.<stage>_ms``), summarised per level."""
-SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision", "encode_workers")
+SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision")
 """The `transresnet serve` settings a benchmark passes through (see :func:`add_server_arguments`)."""
 
 
@@ -51,7 +51,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-search-batch", type=int, help="server --max-search-batch (default: the server's)")
     parser.add_argument("--max-wait-ms", type=float, help="server --max-wait-ms (default: the server's)")
     parser.add_argument("--threads", type=int, help="server torch threads (default: the server's)")
-    parser.add_argument("--encode-workers", type=int, help="server --encode-workers (default: the server's)")
     parser.add_argument("--image-precision", help="the image runtime of the floor and the server (default: the "
                                                   "server's, float32)")
 
@@ -203,8 +202,7 @@ def measure_floor(args: argparse.Namespace, paths: list[Path], repeats: int = 3)
     from transresnet.service.resources import configure_threads
     from transresnet.service.settings import ServiceSettings
 
-    settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None,
-                               encode_workers=args.encode_workers or 1)  # a lone request runs as in the service
+    settings = ServiceSettings(checkpoint=args.checkpoint, index_root=args.index, cpu_threads=args.threads or None)
     configure_threads(settings)
     bundle = load_bundle(args.checkpoint, args.index, device="cpu", image_precision=args.image_precision or "float32")
     slots = tuple(bundle.checkpoint.traits.lookup(t) for t in args.personality)

@@ -1,11 +1,9 @@
 """Micro-batching: requests from the event loop are collected on a dedicated worker thread and run together.
 
-A worker takes the first queued item, then keeps collecting until it has ``max_batch`` items or the first
+The worker takes the first queued item, then keeps collecting until it has ``max_batch`` items or the first
 item has waited ``max_wait_s``, and runs the whole batch in one call. It stops waiting early when
 ``expect_more()`` says no other request is on its way (a lone request is never delayed for nothing).
-Blocking torch/FAISS work therefore never runs on the event loop. A stage may have several workers on one
-queue (``workers``): each collects and runs its own batches, so that batches overlap where one batch cannot
-use every core well.
+Blocking torch/FAISS work therefore never runs on the event loop, and only this one thread touches it.
 """
 
 from __future__ import annotations
@@ -65,11 +63,9 @@ class MicroBatcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, name: str, max_batch: int, max_wait_s: float,
                  expect_more: Callable[[], bool] | None = None,
                  on_batch: Callable[[int, float], None] | None = None,
-                 on_start: Callable[[], None] | None = None, workers: int = 1) -> None:
+                 on_start: Callable[[], None] | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if workers < 1:
-            raise ValueError("workers must be at least 1")
         self.fn = fn
         self.name = name
         self.max_batch = max_batch
@@ -77,25 +73,19 @@ class MicroBatcher(Generic[T, R]):
         self.expect_more = expect_more or (lambda: True)
         self.on_batch = on_batch
         self.on_start = on_start
-        """Runs first in each worker thread: per-thread settings such as OpenMP's thread count belong there."""
+        """Runs first in the worker thread: per-thread settings such as OpenMP's thread count belong there."""
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"batcher-{name}" + (f"-{i}" if workers > 1 else ""),
-                                          daemon=True) for i in range(workers)]
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._closed = False
 
     # ------------------------------------------------------------------ event-loop side
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def workers(self) -> int:
-        return len(self._threads)
+        self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return not self._closed and all(thread.is_alive() for thread in self._threads)
+        return self._thread.is_alive() and not self._closed
 
     async def submit(self, item: T) -> tuple[R, BatchInfo]:
         if self._closed:
@@ -124,13 +114,9 @@ class MicroBatcher(Generic[T, R]):
         if self._closed:
             return
         self._closed = True
-        for _ in self._threads:  # each worker takes one stop marker and exits
-            self._queue.put(_STOP)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(max(0.0, deadline - time.monotonic()))
-        self._fail_leftovers()
+        self._queue.put(_STOP)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker side
 
@@ -145,6 +131,7 @@ class MicroBatcher(Generic[T, R]):
             self._execute(batch)
             if stop:
                 break
+        self._fail_leftovers()
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], bool]:
         batch = [first]
@@ -201,15 +188,10 @@ class MicroBatcher(Generic[T, R]):
             pass
 
     def _fail_leftovers(self) -> None:
-        stops = 0
         while True:
             try:
                 pending = self._queue.get_nowait()
             except queue.Empty:
-                break
-            if pending is _STOP:
-                stops += 1
-            else:
+                return
+            if pending is not _STOP:
                 self._deliver(pending, None, BatcherClosed(f"the {self.name} worker shut down"))
-        for _ in range(stops):  # a worker still busy past the join timeout exits when it finishes
-            self._queue.put(_STOP)

@@ -110,23 +110,6 @@ def set_search_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
-def encoder_threads(settings: ServiceSettings) -> int | None:
-    """Torch / ONNX Runtime intra-op threads of each encode worker: ``cpu_threads`` (default: torch's, the
-    physical cores) shared out between the ``encode_workers``; None when neither is set (torch's default)."""
-    if not settings.cpu_threads and settings.encode_workers == 1:
-        return None
-    return max(1, (settings.cpu_threads or torch.get_num_threads()) // settings.encode_workers)
-
-
-def set_encoder_threads(settings: ServiceSettings) -> None:
-    """Torch's thread count for the calling thread (OpenMP keeps it per thread; threads started later inherit
-    it): the encode workers and the thread that loads a checkpoint (its ONNX Runtime sessions take the count
-    it sees) set it themselves."""
-    threads = encoder_threads(settings)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
 def _groups(items: Sequence[Item], key: Callable[[Item], Hashable]) -> dict[Hashable, list[int]]:
     """Positions of the items, grouped by key, in first-seen order."""
     groups: dict[Hashable, list[int]] = {}
@@ -264,8 +247,7 @@ class Ranker:
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.encoder: MicroBatcher[EncodeJob, np.ndarray] = MicroBatcher(
             encode_jobs, name="encode", max_batch=settings.effective_max_batch, max_wait_s=wait_s,
-            expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n),
-            on_start=functools.partial(set_encoder_threads, settings), workers=settings.encode_workers)
+            expect_more=lambda: self._decoding > 0, on_batch=lambda n, _: metrics.observe_batch("encode", n))
         self.searcher: MicroBatcher[SearchJob, list[list[Any]]] = MicroBatcher(
             search_jobs, name="search", max_batch=settings.effective_max_search_batch, max_wait_s=wait_s,
             expect_more=lambda: self._encoding > 0, on_batch=lambda n, _: metrics.observe_batch("search", n),

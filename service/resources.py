@@ -19,17 +19,17 @@ from .bundle import Bundle, load_bundle
 from .errors import NotReady, ReloadFailed
 from .generating import GenerateJob, Generator, generate_jobs, load_generator_bundle
 from .metrics import ServiceMetrics
-from .ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs, set_encoder_threads
+from .ranking import EncodeJob, Ranker, SearchJob, encode_jobs, search_jobs
 from .settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
 
 def configure_threads(settings: ServiceSettings) -> None:
-    """Torch's intra-op threads of the encode workers (:func:`ranking.encoder_threads`), set where the service
-    starts so that the threads it starts inherit them; the workers and the checkpoint loader also set them
-    themselves. FAISS's count is per thread: the search worker sets its own (``ranking.set_search_threads``)."""
-    set_encoder_threads(settings)
+    """Torch's intra-op threads (a process-wide setting that each thread picks up on its first torch op).
+    FAISS's count is per thread: the search worker sets its own (``ranking.set_search_threads``)."""
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
 
 
 def warm_up(bundle: Bundle) -> None:
@@ -81,7 +81,6 @@ class Resources:
         return self._bundle is not None and self.ranker.alive
 
     def _load(self, checkpoint_path: Path, reuse_checkpoint: bool, *, fallback: bool = False) -> Bundle:
-        set_encoder_threads(self.settings)  # ONNX Runtime sessions opened here take this thread's count
         current = self._bundle.checkpoint if (reuse_checkpoint and self._bundle) else None
         bundle = load_bundle(checkpoint_path, self.settings.index_root, device=self.settings.device,
                              mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback,

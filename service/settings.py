@@ -92,11 +92,6 @@ class ServiceSettings(BaseSettings):
 
     cpu_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads (image encoding); None = torch's default (the physical cores)."""
-    encode_workers: int = Field(1, ge=1)
-    """Threads that run image-encoder batches side by side, each on ``cpu_threads / encode_workers`` intra-op
-    threads (torch and ONNX Runtime alike), for machines with more cores than one batch uses well. On 2 cores
-    (docs/results.md) 2 workers served 1.16x the requests/s of 1 with the float32 encoder and fewer with ONNX
-    Runtime, whose two-threaded batches scale well there, so the default is 1."""
     search_threads: int = Field(1, ge=1)
     """FAISS threads of the search worker: a flat search is memory-bound, so one thread leaves the other cores
     to the encoder. (Exact search of a few queries goes through numpy's BLAS, whose own thread pool follows

@@ -35,18 +35,14 @@ def load_index_root(tiny_checkpoint, tmp_path_factory) -> Path:
     return root
 
 
-def running_server(checkpoint, index_root: Path, **settings) -> ServerThread:
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, load_index_root) -> Iterator[ServerThread]:
     from transresnet.service.main import create_app
     from transresnet.service.settings import ServiceSettings
 
-    settings = ServiceSettings(_env_file=None, checkpoint=checkpoint.path, index_root=index_root,
-                               admin_token=ADMIN_TOKEN, max_batch=16, max_wait_ms=20.0, device="cpu", **settings)
-    return ServerThread(create_app(settings), free_port())
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, load_index_root) -> Iterator[ServerThread]:
-    with running_server(tiny_checkpoint, load_index_root) as running:
+    settings = ServiceSettings(_env_file=None, checkpoint=tiny_checkpoint.path, index_root=load_index_root,
+                               admin_token=ADMIN_TOKEN, max_batch=16, max_wait_ms=20.0, device="cpu")
+    with ServerThread(create_app(settings), free_port()) as running:
         yield running
 
 
@@ -56,20 +52,6 @@ def post(client: httpx.Client, data: bytes, traits: list[str], k: int = 5) -> ht
 
 
 def test_concurrent_requests_are_batched_and_match_unbatched(server, tiny_checkpoint, load_index_root):
-    check_batched_answers(server, tiny_checkpoint, load_index_root)
-
-
-def test_two_encode_workers_answer_as_one(tiny_checkpoint, load_index_root):
-    """Batches encoded side by side by two workers (one torch thread each) give the unbatched answers."""
-    threads = torch.get_num_threads()
-    try:
-        with running_server(tiny_checkpoint, load_index_root, encode_workers=2, cpu_threads=2) as running:
-            check_batched_answers(running, tiny_checkpoint, load_index_root)
-    finally:
-        torch.set_num_threads(threads)  # threads the server started inherited its count; restore the default
-
-
-def check_batched_answers(server: ServerThread, tiny_checkpoint, load_index_root: Path) -> None:
     images = [image_bytes(seed=seed) for seed in range(12)]
     jobs = [(images[i % len(images)], TRAIT_SETS[i % len(TRAIT_SETS)], 3 + i % 3) for i in range(64)]
     expected = {(i % len(images), tuple(traits), k): reference_ranking(tiny_checkpoint, load_index_root,

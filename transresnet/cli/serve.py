@@ -19,8 +19,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": args.checkpoint, "index_root": args.index, "host": args.host, "port": args.port,
         "device": args.device, "max_batch": args.max_batch, "max_search_batch": args.max_search_batch,
         "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
-        "cpu_threads": args.threads, "encode_workers": args.encode_workers, "demo_dir": args.demo_dir,
-        "log_level": args.log_level,
+        "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
         "follow_index": args.follow_index, "index_placement": args.index_placement,
         "image_precision": args.image_precision,
         "generator": args.generator, "max_beam_size": args.max_beam_size,
@@ -151,8 +150,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="caption requests admitted at once; beyond it 503 with Retry-After (default 48)")
     serve.add_argument("--no-batching", action="store_true", help="encode and search one request at a time")
     serve.add_argument("--threads", type=int, help="torch CPU threads for image encoding (default: torch's)")
-    serve.add_argument("--encode-workers", type=int,
-                       help="image-encoder batches run side by side, sharing --threads (default 1)")
     serve.add_argument("--mmap", action="store_true",
                        help="memory-map the index vectors and captions instead of reading them (searched on CPU)")
     serve.add_argument("--index-placement", choices=choices(IndexPlacement),
