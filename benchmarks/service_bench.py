@@ -60,7 +60,7 @@ def server_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index)]
     for name in SERVER_FLAGS:
         value = getattr(args, name)
-        if value:
+        if value is not None:  # 0 is a setting too (--max-wait-ms 0: never wait for company)
             flags += ["--" + name.replace("_", "-"), str(value)]
     return flags
 
