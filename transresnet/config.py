@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from transresnet.options import Device
+from transresnet.options import Device, ImageTTA
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class ImageEncoderConfig(_Strict):
     """Resampling of the resize (and of training crops): the one the backbone's weights were trained with."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    tta: ImageTTA = "none"
+    """Test-time augmentation: the views of each photo whose pooled features are averaged before the image MLP
+    in evaluation, the service and the Python API (none: the centre crop; flip: it and its mirror, twice the
+    backbone's work). Training and its per-epoch validation never use it (they read cached crops)."""
     freeze_backbone: bool = True
     """Frozen backbones have their features cached on disk once; unfrozen ones train end to end."""
     hidden_layers: int = Field(0, ge=0)

@@ -109,7 +109,8 @@ def image_encoder(checkpoint: Checkpoint, precision: str, paths: Sequence[Path])
 
 def image_features(checkpoint: Checkpoint, paths: Sequence[Path], *, feature_cache: str | Path | None,
                    batch_size: int, encoder: ImageRunner | None = None) -> np.ndarray:
-    """Pooled backbone features (N, F): from the on-disk cache for frozen backbones, else computed live.
+    """Pooled backbone features (N, F): from the on-disk cache for frozen backbones, else computed live,
+    averaged over the checkpoint config's test-time views (``model.image.tta``, as the service does).
 
     ``encoder``: the image runtime to compute them with (default: the float32 backbone); features of
     another runtime are cached apart from float32's.
@@ -123,11 +124,12 @@ def image_features(checkpoint: Checkpoint, paths: Sequence[Path], *, feature_cac
     if cfg.freeze_backbone:
         root = feature_cache or checkpoint.config.data.feature_cache
         features = cached_features(backbone, cfg, paths, root=root, weights=_backbone_identity(checkpoint),
-                                   views=1, batch_size=min(batch_size, 64), device=model.device)[:, 0]
+                                   views=1, batch_size=min(batch_size, 64), device=model.device, tta=cfg.tta)[:, 0]
     else:
         features = compute_features(backbone, ImagePreprocessor(cfg), paths, batch_size=min(batch_size, 64),
-                                    device=model.device)
-    logger.info("image features of %d images in %.1fs", len(paths), time.perf_counter() - started)
+                                    device=model.device, tta=cfg.tta)
+    logger.info("image features of %d images (test-time views: %s) in %.1fs", len(paths), cfg.tta,
+                time.perf_counter() - started)
     return np.asarray(features, dtype=np.float32)
 
 
@@ -266,6 +268,8 @@ class EvalInputs:
 def prepare(options: EvalOptions) -> EvalInputs:
     """Load the checkpoint and the split, and encode its queries and captions."""
     checkpoint = load_checkpoint(options.checkpoint, device=resolve_device(options.device))
+    if options.tta is not None:  # the model reads the same config object: its encode_image follows too
+        checkpoint.config.model.image.tta = options.tta
     records = load_records(options)
     task = build_task(records, options.protocol)
     images = list(dict.fromkeys(task.query_images))
@@ -289,7 +293,7 @@ def prepare(options: EvalOptions) -> EvalInputs:
     seconds["caption_encoding_s"] = time.perf_counter() - started
     seconds["captions_per_s"] = len(task.texts) / max(seconds["caption_encoding_s"], 1e-9)
     return EvalInputs(checkpoint, records, task, queries, texts, len(images), seconds,
-                      image_encoder=encoder.report.to_dict())
+                      image_encoder={**encoder.report.to_dict(), "tta": checkpoint.config.model.image.tta})
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -361,7 +365,8 @@ def _title(report: dict[str, Any]) -> str:
 def _image_line(report: dict[str, Any]) -> str:
     encoder = report.get("image_encoder") or {}
     chosen, requested = encoder.get("chosen", "float32"), encoder.get("requested", "float32")
-    return f"image encoder: {chosen}" + (f" ({requested}: {encoder.get('reason', '')})" if requested != chosen else "")
+    line = f"image encoder: {chosen}" + (f" ({requested}: {encoder.get('reason', '')})" if requested != chosen else "")
+    return line + (f", test-time views: {encoder['tta']}" if encoder.get("tta", "none") != "none" else "")
 
 
 def format_markdown(report: dict[str, Any]) -> str:

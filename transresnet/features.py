@@ -3,7 +3,9 @@
 A cache lives in ``<root>/<key>/`` where the key hashes the backbone name and kwargs, the weights
 (file checksum, timm's pretrained tag, or the checkpoint's own weights), the preprocessing and the
 view (centre crop, or the n-th random crop), so a change to any of them starts a fresh cache.
-``features.npy`` is memory-mapped on load; ``paths.json`` maps rows to image files.
+``features.npy`` is memory-mapped on load; ``paths.json`` maps rows to image files. The centre crop's key
+also names its test-time views (``model.image.tta``) when there are several, so averaged and single-view
+features never share a cache.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from transresnet.config import ImageEncoderConfig
 from transresnet.files import sha256_file
 from transresnet.images import ImagePreprocessor
+from transresnet.options import ImageTTA
 from transresnet.progress import progress
 from transresnet.runtime import eval_mode
 
@@ -33,10 +36,24 @@ CACHE_FORMAT = 1
 Pooling = Literal["avg", "grid"]
 
 
-def backbone_output(backbone: torch.nn.Module, pixels: torch.Tensor, pooling: Pooling = "avg") -> torch.Tensor:
-    """avg: the backbone's pooled features (B, F); grid: its last feature map as (B, H * W, F) cells."""
-    if pooling == "avg":
+def pooled_features(backbone: torch.nn.Module, pixels: torch.Tensor, tta: ImageTTA = "none") -> torch.Tensor:
+    """The backbone's pooled features (B, F) of centre crops (B, 3, H, W), averaged over the test-time views
+    ``tta``: none = the crops alone; flip = each crop and its mirror image. The one place views are made, so
+    the evaluator, the service and the Python API average identically."""
+    if tta == "none":
         return backbone(pixels)
+    # One pass over the crops and their mirrors: a batch of 2B costs less than two batches of B.
+    both = backbone(torch.cat([pixels, pixels.flip(-1)]))
+    return (both[:len(pixels)] + both[len(pixels):]) / 2
+
+
+def backbone_output(backbone: torch.nn.Module, pixels: torch.Tensor, pooling: Pooling = "avg",
+                    tta: ImageTTA = "none") -> torch.Tensor:
+    """avg: the pooled features (B, F) (:func:`pooled_features`); grid: the last feature map as (B, H * W, F)."""
+    if pooling == "avg":
+        return pooled_features(backbone, pixels, tta)
+    if tta != "none":
+        raise ValueError(f"test-time views ({tta}) are averaged over pooled features only, not grids")
     return backbone.forward_features(pixels).flatten(2).transpose(1, 2)
 
 
@@ -47,11 +64,12 @@ def weights_identity(cfg: ImageEncoderConfig) -> str:
 
 
 def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0,
-              pooling: Pooling = "avg", runtime: str = "float32") -> str:
+              pooling: Pooling = "avg", runtime: str = "float32", tta: ImageTTA = "none") -> str:
     """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip.
 
     ``pooling`` avg: global-pooled vectors (N, F); grid: the last feature map's cells (N, cells, F).
     ``runtime``: the image encoder that computed them (:attr:`transresnet.image_runtime.ImageRunner.identity`).
+    ``tta``: the test-time views averaged (:func:`pooled_features`).
     """
     parts = {"format": CACHE_FORMAT, "backbone": cfg.backbone, "kwargs": cfg.backbone_kwargs, "weights": weights,
              "preprocess": preprocessor.identity(), "view": view}
@@ -59,6 +77,8 @@ def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weigh
         parts["pooling"] = pooling
     if runtime != "float32":  # and float32 keys what they were before other runtimes
         parts["runtime"] = runtime
+    if tta != "none":  # and single-view keys what they were before test-time views
+        parts["tta"] = tta
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -85,8 +105,9 @@ class _ImageFiles(Dataset):
 def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor, paths: Sequence[Path], *,
                      view: int = 0, batch_size: int = 64, num_workers: int = 0,
                      device: torch.device | str = "cpu", desc: str = "image features",
-                     pooling: Pooling = "avg") -> np.ndarray:
-    """Backbone features of each image, float32 (N, F) or grid (N, cells, F), with a progress bar in images/s."""
+                     pooling: Pooling = "avg", tta: ImageTTA = "none") -> np.ndarray:
+    """Backbone features of each image, float32 (N, F) or grid (N, cells, F), with a progress bar in images/s;
+    pooled ones averaged over the test-time views ``tta`` (:func:`pooled_features`)."""
     # A generator of its own: the loader's worker seeds never draw from (and so never shift) the global RNG,
     # whether or not a run finds its features cached. Crops are seeded per (image, view) in _ImageFiles.
     loader = DataLoader(_ImageFiles(paths, preprocessor, view), batch_size=batch_size, num_workers=num_workers,
@@ -94,7 +115,7 @@ def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor,
     chunks = []
     with eval_mode(backbone), progress(len(paths), desc, "photos") as bar:
         for pixels in loader:
-            chunks.append(backbone_output(backbone, pixels.to(device), pooling).float().cpu().numpy())
+            chunks.append(backbone_output(backbone, pixels.to(device), pooling, tta).float().cpu().numpy())
             bar.update(len(pixels))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -149,24 +170,28 @@ class FeatureCache:
 
 def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: Sequence[Path], *, root: str | Path,
                     weights: str, views: int = 1, batch_size: int = 64, num_workers: int = 0,
-                    device: torch.device | str = "cpu", pooling: Pooling = "avg") -> np.ndarray:
+                    device: torch.device | str = "cpu", pooling: Pooling = "avg", tta: ImageTTA = "none"
+                    ) -> np.ndarray:
     """Features (N, views, F), or (N, views, cells, F) for grids, computing and caching only what is missing.
 
     ``backbone`` may be an :class:`transresnet.image_runtime.ImageRunner`: its features are cached apart from
-    float32's (keyed by its ``identity``).
+    float32's (keyed by its ``identity``). ``tta``: test-time views averaged for the centre crop (view 0, what
+    evaluation reads); training's random crops are single views whatever it is.
     """
     preprocessor = ImagePreprocessor(cfg)
     runtime = getattr(backbone, "identity", "float32") if pooling == "avg" else "float32"
     per_view = []
     for view in range(views):
+        view_tta = tta if view == 0 else "none"
         cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view, pooling=pooling,
-                                             runtime=runtime))
+                                             runtime=runtime, tta=view_tta))
         todo = cache.missing(paths)
         if todo:
             start = time.perf_counter()
             crop = "the centre crop" if view == 0 else f"random crop {view} of {views - 1}"
+            crop += f" ({view_tta}: its views averaged)" if view_tta != "none" else ""
             feats = compute_features(backbone, preprocessor, todo, view=view, batch_size=batch_size,
-                                     num_workers=num_workers, device=device, pooling=pooling,
+                                     num_workers=num_workers, device=device, pooling=pooling, tta=view_tta,
                                      desc=f"caching {crop} for {len(todo)} photos")
             elapsed = time.perf_counter() - start
             logger.info("cached %d image features (view %d) in %.1fs: %.1f images/s -> %s", len(todo), view,

@@ -22,6 +22,8 @@ from transresnet.encoders import (
     create_backbone,
     create_text_encoder,
 )
+from transresnet.features import pooled_features
+from transresnet.options import ImageTTA
 from transresnet.traits import TraitVocab
 
 
@@ -98,10 +100,12 @@ class TransResNet(nn.Module):
         vectors = vectors.float()
         return F.normalize(vectors, dim=-1) if self.config.scoring == "cosine" else vectors
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels (B, 3, H, W) -> pooled backbone features (B, F)."""
+    def encode_image(self, images: torch.Tensor, *, tta: ImageTTA | None = None) -> torch.Tensor:
+        """Preprocessed pixels (B, 3, H, W) -> pooled backbone features (B, F), averaged over the test-time
+        views ``tta`` (default: the config's ``image.tta``; training passes "none")."""
+        tta = self.config.image.tta if tta is None else tta
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.image.freeze_backbone):
-            return self.backbone(images.to(self.device))
+            return pooled_features(self.backbone, images.to(self.device), tta)
 
     def encode_personality(self, trait_ids: torch.Tensor) -> torch.Tensor:
         if self.personality is None:

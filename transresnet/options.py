@@ -27,6 +27,9 @@ IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
 """Where a loaded caption index is searched: auto = the GPU(s) FAISS sees (sharded over several), else CPU."""
 Protocol = Literal["candidates", "candidates500", "pool", "generate"]
 TraitMode = Literal["given", "shuffled", "none"]
+ImageTTA = Literal["none", "flip"]
+"""Test-time views of a photo whose pooled backbone features are averaged: the centre crop alone, or the
+centre crop and its mirror image (``model.image.tta``, :func:`transresnet.features.pooled_features`)."""
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -132,6 +135,8 @@ class EvalOptions(BaseModel):
     seed: int = Field(0, description="seed of shuffled traits and index training samples")
     beam_size: int | None = Field(None, ge=1, le=64, description="generate: beam size (default: the checkpoint "
                                   "config's decoding)")
+    tta: ImageTTA | None = Field(None, description="test-time views averaged per photo: none (the centre crop) or "
+                                 "flip (and its mirror); default: the checkpoint config's model.image.tta")
 
     @model_validator(mode="after")
     def _index_needs_pool(self) -> EvalOptions:

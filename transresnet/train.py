@@ -99,7 +99,7 @@ class ImageInputs:
             view = torch.randint(views, (len(rows),)) if views > 1 else torch.zeros(len(rows), dtype=torch.long)
             return self.cached[torch.as_tensor(rows), view].to(self.device)
         pixels = torch.stack([self.preprocessor.load(self.paths[r]) for r in rows])
-        return self.model.encode_image(pixels.to(self.device))
+        return self.model.encode_image(pixels.to(self.device), tta="none")  # training never averages views
 
 
 class TextInputs:
