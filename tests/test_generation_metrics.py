@@ -93,3 +93,31 @@ def test_vocabulary_usage_and_voice_classifier() -> None:
                            "aww precious blue thing"], ["Angry", "Sweet", "Angry", "Sweet"])
     assert clf.predict("ugh a green thing I hate") == "Angry"
     assert clf.accuracy(["aww green", "ugh green"], ["Sweet", "Sweet"]) == 50.0
+
+
+def test_cider_d_reward_equals_pycocoevalcap_per_caption_on_the_same_corpus() -> None:
+    """Self-critical training's per-caption CIDEr-D: pycocoevalcap's scores when the corpus is the scored set,
+    and fixed document frequencies (not the batch's) when only some items are scored."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from transresnet.generation.metrics import CiderD
+
+    hyps = {"dog": "A black dog runs on the grass!", "kids": "two kids play soccer", "bike": "a man on a bike"}
+    gts, res = tokenized_inputs(REFS, hyps)
+    _, per_caption = Cider().compute_score(gts, res)
+    scorer = CiderD(list(REFS.values()))
+    ours = scorer.scores(list(hyps.values()), [0, 1, 2])
+    assert ours == pytest.approx(list(per_caption), abs=1e-6)
+    assert scorer.score(hyps["kids"], 1) == pytest.approx(per_caption[1], abs=1e-6)  # alone: the same statistics
+    assert scorer.score(hyps["kids"], 0) < 0.1 * ours[1]  # the right image's references score it far higher
+
+
+def test_cider_d_reward_with_an_end_token_penalises_a_caption_cut_mid_phrase() -> None:
+    from transresnet.generation.metrics import CiderD
+
+    refs = [["a dog runs on the grass", "a dog is running on the grass", "the dog runs on grass"],
+            *REFS.values()]
+    plain, ended = CiderD(refs), CiderD(refs, end_token="<eos>")
+    whole, cut = "a dog runs on the grass", "a dog runs on the"
+    assert ended.score(whole, 0) > plain.score(whole, 0) * 0.9  # a whole caption keeps its score
+    assert ended.score(cut, 0) / ended.score(whole, 0) < plain.score(cut, 0) / plain.score(whole, 0)

@@ -139,6 +139,16 @@ def test_generator_configs_validate(synthetic_dataset: Path, tmp_path: Path) -> 
     retrieval["train"]["scheduled_sampling"] = {"max_prob": 0.25}
     with pytest.raises(ConfigError, match="caption generators"):
         build_config(retrieval)
+    retrieval["train"]["scheduled_sampling"] = {}
+    retrieval["train"]["self_critical"] = {"epochs": 2}
+    with pytest.raises(ConfigError, match="caption generators"):
+        build_config(retrieval)
+    tree = generator_tree(synthetic_dataset, tmp_path)
+    tree["train"]["self_critical"] = {"epochs": 2, "samples": 1}
+    with pytest.raises(ConfigError, match="samples >= 2"):
+        build_config(tree)
+    tree["train"]["self_critical"]["baseline"] = "greedy"
+    assert build_config(tree).train.self_critical.samples == 1
     tree = generator_tree(synthetic_dataset, tmp_path)
     tree["train"]["pretrain"] = {"captions": "pool.csv", "bpt": 3}
     with pytest.raises(ConfigError, match="did you mean train.pretrain.bptt"):
@@ -281,3 +291,90 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(synthetic_dataset: Pa
     assert strip[0] == strip[1] and [r.get("epoch") for r in lines[0]] == [None, None, 1, 2, 3]
     assert resumed.report["best_epoch"] == whole.report["best_epoch"]
     assert resumed.report["pretrain"]["epochs"][1]["val_ppl"] == whole.report["pretrain"]["epochs"][1]["val_ppl"]
+
+
+# ------------------------------------------------------------------------------ self-critical training
+
+
+@pytest.mark.parametrize("family", ["showtell", "updown"])
+def test_sampled_log_probabilities_are_the_teacher_forced_ones_of_the_sampled_captions(family: str) -> None:
+    """What the policy gradient weights: the sum of the log-probabilities the decoder gives the sampled words
+    and <eos> (under the decoding rules: here the special tokens masked and <eos> forced at max_length),
+    exactly as teacher forcing scores the same captions."""
+    from transresnet.config import DecoderConfig, DecodingConfig
+    from transresnet.generation.models import create_decoder
+    from transresnet.generation.self_critical import sample_with_logprobs
+    from transresnet.generation.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(cell="gru", embed_dim=8, hidden_dim=16, feature_dim=12, attention_dim=8, trait_dim=4)
+    decoder = create_decoder(family, cfg, vocab_size=9, grid_dim=6, trait_slots=3).eval()
+    grid, traits = torch.randn(5, 4, 6), torch.tensor([0, 1, 2, 1, 0])
+    options = DecodingConfig(min_length=0, max_length=6, no_repeat_ngram=0)
+    samples = sample_with_logprobs(decoder, grid, traits, options, torch.Generator().manual_seed(3))
+    inputs = torch.full((5, 8), PAD_ID)
+    for row, tokens in enumerate(samples.tokens):
+        inputs[row, : len(tokens) + 1] = torch.tensor([BOS_ID, *tokens])
+    with torch.no_grad():
+        logits = decoder(grid, traits, inputs)
+    logits[..., [PAD_ID, BOS_ID, UNK_ID]] = float("-inf")
+    logp = logits.log_softmax(-1)
+    for row, tokens in enumerate(samples.tokens):
+        # At max_length <eos> is forced: the only choice, log-probability 0.
+        expected = sum(logp[row, t, w] if t < options.max_length else torch.tensor(0.0)
+                       for t, w in enumerate([*tokens, EOS_ID]))
+        assert samples.logprob[row].item() == pytest.approx(expected.item(), abs=1e-5)
+        assert samples.lengths[row].item() == len(tokens) + 1
+    assert samples.logprob.requires_grad
+
+
+def test_the_leave_one_out_baseline_is_the_mean_of_the_other_samples() -> None:
+    from transresnet.generation.self_critical import leave_one_out_baseline
+
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]])
+    assert torch.allclose(leave_one_out_baseline(rewards), torch.tensor([[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]]))
+
+
+def _self_critical_tree(dataset: Path, cache: Path, **self_critical: object) -> dict:
+    tree = _tiny_tree(dataset, cache, epochs=2, max_steps_per_epoch=4)
+    tree["train"]["self_critical"] = {"epochs": 3, "lr": 1e-3, "samples": 4, "batch_size": 40, **self_critical}
+    return tree
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_self_critical_training_raises_the_reward_and_val_cider(synthetic_dataset: Path, tmp_path: Path,
+                                                                baseline: str) -> None:
+    """After two short cross-entropy epochs, self-critical epochs start from the best checkpoint and the
+    sampled captions' CIDEr-D rises epoch over epoch, and so does greedy val CIDEr-D."""
+    tree = _self_critical_tree(synthetic_dataset, tmp_path / "cache", baseline=baseline)
+    result = train_generator(build_config(tree), tmp_path / "run")
+    records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in records] == [None, None, "self_critical", "self_critical", "self_critical"]
+    rewards = [r["reward"] for r in records[2:]]
+    assert rewards[-1] > rewards[0] + 3, rewards
+    cross_entropy_best = max(r["val"]["cider_d"] for r in records[:2])
+    assert max(r["val"]["cider_d"] for r in records[2:]) > cross_entropy_best + 3
+    assert result.report["best_epoch"] > 2 and result.report["self_critical_epochs"] == 3
+
+
+@pytest.mark.slow
+def test_a_run_resumed_in_self_critical_training_ends_with_the_uninterrupted_weights(
+        synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = build_config(_self_critical_tree(synthetic_dataset, tmp_path / "cache", epochs=2))
+    whole = train_generator(config, tmp_path / "whole")
+    real_epoch = GeneratorTrainer.self_critical_epoch
+
+    def killed(self: GeneratorTrainer, epoch: int) -> dict:
+        if self.progress.self_critical_epochs == 1:
+            raise KeyboardInterrupt("killed")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(GeneratorTrainer, "self_critical_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(config, tmp_path / "resumed")
+    monkeypatch.setattr(GeneratorTrainer, "self_critical_epoch", real_epoch)
+    resumed = train_generator(config, tmp_path / "resumed", resume=True)
+    for name in ("best", "last"):
+        _assert_same_weights(whole.out_dir / name, resumed.out_dir / name)
+    assert resumed.report["self_critical_epochs"] == 2

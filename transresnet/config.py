@@ -235,6 +235,34 @@ class ScheduledSamplingConfig(_Strict):
     """The prediction fed back: drawn from the model's distribution (the paper) or its most likely token."""
 
 
+class SelfCriticalConfig(_Strict):
+    """Generators: self-critical sequence training (Rennie et al. 2017) after the cross-entropy epochs.
+
+    The best cross-entropy checkpoint is fine-tuned with REINFORCE on the CIDEr-D of captions sampled from the
+    model (document frequencies from the training references), minus a baseline: the mean reward of the other
+    samples of the same image (Luo 2020, ``mean``) or the reward of the greedy caption (Rennie et al.,
+    ``greedy``). Each epoch is validated and selected on greedy val CIDEr-D like the others, with the same
+    patience.
+    """
+
+    epochs: int = Field(0, ge=0)
+    """Self-critical epochs after cross entropy; 0 = off."""
+    lr: float = Field(5e-5, gt=0)
+    """Learning rate of the fine-tuning (a fresh Adam)."""
+    samples: int = Field(5, ge=1)
+    """Captions sampled per (image, trait) query per step."""
+    baseline: Literal["mean", "greedy"] = "mean"
+    """The reward subtracted: the other samples' mean (needs samples >= 2) or the greedy caption's."""
+    batch_size: int = Field(50, ge=1)
+    """(image, trait) queries per step (each sampled ``samples`` times)."""
+
+    @model_validator(mode="after")
+    def _check_baseline(self) -> SelfCriticalConfig:
+        if self.baseline == "mean" and self.epochs and self.samples < 2:
+            raise ValueError("train.self_critical.baseline mean needs samples >= 2 (or use baseline: greedy)")
+        return self
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -261,6 +289,8 @@ class TrainConfig(_Strict):
     """Generators: language-model pretraining of the decoder (off unless pretrain.captions is set)."""
     scheduled_sampling: ScheduledSamplingConfig = Field(default_factory=ScheduledSamplingConfig)
     """Generators: scheduled sampling (off while max_prob is 0)."""
+    self_critical: SelfCriticalConfig = Field(default_factory=SelfCriticalConfig)
+    """Generators: self-critical (CIDEr-D reward) fine-tuning after cross entropy (off while epochs is 0)."""
 
 
 class ExperimentConfig(_Strict):
@@ -276,10 +306,11 @@ class ExperimentConfig(_Strict):
         if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
             raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
                              "read cached grid features)")
-        generator_only = self.train.pretrain.captions or self.train.scheduled_sampling.max_prob
+        generator_only = (self.train.pretrain.captions or self.train.scheduled_sampling.max_prob
+                          or self.train.self_critical.epochs)
         if self.model.family == "retrieval" and generator_only:
-            raise ValueError("train.pretrain and train.scheduled_sampling are for caption generators (model.family "
-                             "showtell, showatttell or updown), not retrieval")
+            raise ValueError("train.pretrain, train.scheduled_sampling and train.self_critical are for caption "
+                             "generators (model.family showtell, showatttell or updown), not retrieval")
         return self
 
 

@@ -7,6 +7,10 @@ lower case, punctuation stripped), the role of the PTB tokenizer in the COCO too
 sigma 6, document frequencies from the references of the evaluated split, scaled by 10. Scores are
 reported x 100 (CIDEr-D 45 = 0.45 in pycocoevalcap's units). SPICE needs Stanford models downloaded at
 first use and is out of reach offline.
+
+:class:`CiderD` scores single captions against document frequencies fixed once from a reference corpus
+(self-critical training's reward); with the corpus equal to the evaluated references it gives pycocoevalcap's
+per-caption scores (tested to 1e-6).
 """
 
 from __future__ import annotations
@@ -34,6 +38,70 @@ def _scorers():
     except ImportError:  # pragma: no cover - the dev extra installs it
         raise ImportError("captioning metrics need pycocoevalcap: pip install 'transresnet[generation]'") from None
     return Bleu, Rouge, Cider
+
+
+class CiderD:
+    """Per-caption CIDEr-D against a fixed reference corpus: ``references[i]`` are the gold captions of item i,
+    and the document frequencies and reference length come from all of them at once (as pycocoevalcap does
+    for the set it is given), so a batch of captions is scored on the corpus's statistics, not the batch's.
+
+    Same definition as pycocoevalcap's ``CiderScorer`` (whose n-gram counting it reuses): tf-idf vectors of
+    1..4-grams, the candidate's counts clipped to the reference's, a Gaussian length penalty with sigma 6,
+    the mean over n and over references, x 10 (pycocoevalcap's units; :func:`caption_scores` reports x 100).
+
+    ``end_token`` (self-critical training sets it) is appended to every caption and reference after
+    tokenisation, so that n-grams ending a caption count: a sampled caption that stops mid-phrase ("on a a")
+    then misses the references' ending n-grams, as in self-critical.pytorch, which scores the <eos> token.
+    """
+
+    def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
+                 end_token: str | None = None) -> None:
+        from pycocoevalcap.cider.cider_scorer import precook
+
+        self._precook, self.n, self.sigma, self.end_token = precook, n, sigma, end_token
+        cooked = [[self._cook(r) for r in refs] for refs in references]
+        self.document_frequency: Counter = Counter()
+        for refs in cooked:
+            self.document_frequency.update({gram for ref in refs for gram in ref})
+        self.log_ref_len = math.log(float(len(cooked)))
+        self.references = [[self._vector(ref) for ref in refs] for refs in cooked]
+
+    def _cook(self, caption: str) -> dict[tuple[str, ...], int]:
+        words = normalize(caption) or EMPTY
+        return self._precook(f"{words} {self.end_token}" if self.end_token else words, self.n)
+
+    def _vector(self, counts: Mapping[tuple[str, ...], int]) -> tuple[list[dict], list[float], int]:
+        """tf-idf weights per n-gram order, their norms, and the length in words."""
+        vec: list[dict] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        for gram, tf in counts.items():
+            order = len(gram) - 1
+            weight = float(tf) * (self.log_ref_len - math.log(max(1.0, self.document_frequency[gram])))
+            vec[order][gram] = weight
+            norm[order] += weight * weight
+        length = sum(tf for gram, tf in counts.items() if len(gram) == 1)
+        return vec, [math.sqrt(x) for x in norm], length
+
+    def _similarity(self, hyp: tuple[list[dict], list[float], int], ref: tuple[list[dict], list[float], int]) -> float:
+        (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
+        penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma ** 2))
+        total = 0.0
+        for order in range(self.n):
+            reference = vec_r[order]
+            value = sum(min(w, reference.get(g, 0.0)) * reference.get(g, 0.0) for g, w in vec_h[order].items())
+            if norm_h[order] and norm_r[order]:
+                value /= norm_h[order] * norm_r[order]
+            total += value * penalty
+        return total / self.n
+
+    def score(self, caption: str, item: int) -> float:
+        """CIDEr-D of ``caption`` against the references of item ``item``."""
+        hyp = self._vector(self._cook(caption))
+        refs = self.references[item]
+        return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
+
+    def scores(self, captions: Sequence[str], items: Sequence[int]) -> list[float]:
+        return [self.score(c, i) for c, i in zip(captions, items, strict=True)]
 
 
 def tokenized_inputs(references: Mapping[Hashable, Sequence[str]],

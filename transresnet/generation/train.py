@@ -11,6 +11,11 @@ epoch (``train.pretrain``, :mod:`transresnet.generation.pretrain`), and schedule
 (``train.scheduled_sampling``, Bengio et al. 2015), which feeds the model's own previous prediction instead
 of the gold token with a probability that ramps up over the epochs.
 
+Also optional: self-critical fine-tuning (``train.self_critical``, :mod:`transresnet.generation.self_critical`)
+after the cross-entropy epochs end (their budget or patience): it starts from the best checkpoint with a fresh
+optimizer, rewards sampled captions with their CIDEr-D, and validates and selects like the epochs before it, so
+``best`` is the better of the two phases on val.
+
 After pretraining and after every epoch a complete training state (weights, optimizer, progress and RNG
 states) is published atomically in ``OUT/states/`` and named by ``OUT/LAST``, with the retrieval trainer's
 helpers (:mod:`transresnet.train`); ``resume=True`` continues from the newest state that verifies and ends
@@ -38,8 +43,15 @@ from transresnet.devices import resolve_device
 from transresnet.generation.checkpoint import VOCAB, CaptionModel, save_generator, write_generator
 from transresnet.generation.data import Example, Query, build_examples, grid_features, group_queries, teacher_forcing
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
+from transresnet.generation.metrics import CiderD
 from transresnet.generation.models import CaptionDecoder
 from transresnet.generation.pretrain import held_out_records, load_pool, pretrain_decoder
+from transresnet.generation.self_critical import (
+    leave_one_out_baseline,
+    policy_gradient_loss,
+    repeat_rows,
+    sample_with_logprobs,
+)
 from transresnet.generation.vocab import BOS_ID, PAD_ID, Vocabulary
 from transresnet.progress import progress
 from transresnet.train import (
@@ -122,6 +134,16 @@ class GeneratorProgress:
     """Language-model pretraining has run (a resumed run never repeats it)."""
     pretrain: dict[str, Any] = field(default_factory=dict)
     """Its summary for the report: pool captions kept and excluded, perplexity per epoch."""
+    phase: str = "cross_entropy"
+    """``cross_entropy``, then ``self_critical`` once that fine-tuning has started."""
+    self_critical_epochs: int = 0
+    """Self-critical epochs completed (they count in ``epoch`` too)."""
+
+
+END_OF_CAPTION = "<eos>"
+"""Scored as a last word by the self-critical reward (normalisation never produces it from text)."""
+LATER_PROGRESS_FIELDS = ("phase", "self_critical_epochs")
+"""Progress fields that states written before self-critical training lack (their defaults apply)."""
 
 
 class GeneratorTrainer:
@@ -145,13 +167,16 @@ class GeneratorTrainer:
         self.val_records, self.test_records = val_records, test_records
         self.val_queries = group_queries(val_records)
         self.val_slots = self.model.trait_slots([q.trait for q in self.val_queries])
-        self.optimizer = torch.optim.Adam(self.model.decoder.parameters(), lr=config.train.lr,
-                                          weight_decay=config.train.weight_decay)
+        self.optimizer = self._adam(config.train.lr)
+        self._rewards: tuple[list[Query], CiderD] | None = None
         self.progress = GeneratorProgress()
         logger.info("%s decoder (%s): %d examples over %d images, vocabulary %d %ss, %d traits; val %d queries, "
                     "grid %s, on %s", config.model.family, config.model.decoder.cell, len(self.examples),
                     len({e.image_row for e in self.examples}), len(vocab), vocab.level, len(traits) - 1,
                     len(self.val_queries), tuple(self.features.shape[1:]), self.device)
+
+    def _adam(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.decoder.parameters(), lr=lr, weight_decay=self.config.train.weight_decay)
 
     def _batches(self, epoch: int) -> list[list[Example]]:
         rng = random.Random(self.config.train.seed * 100_003 + epoch)
@@ -190,6 +215,76 @@ class GeneratorTrainer:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"sampling": f"{sampling:.2f}"} if sampling else {}))
                 bar.update(1)
         return float(np.mean(losses)) if losses else float("nan")
+
+    # -- self-critical fine-tuning ------------------------------------------------------------------
+
+    def reward_queries(self) -> tuple[list[Query], CiderD]:
+        """The training (image, trait) queries and the CIDEr-D scorer of their references (built once)."""
+        if self._rewards is None:
+            queries = group_queries(self.train_records)
+            self._rewards = queries, CiderD([q.references for q in queries], end_token=END_OF_CAPTION)
+        return self._rewards
+
+    def _self_critical_step(self, queries: Sequence[Query], items: Sequence[int], cider: CiderD,
+                            generator: torch.Generator) -> dict[str, float]:
+        """Sample each query ``samples`` times, reward the captions, and take one policy-gradient step."""
+        cfg = self.config.train.self_critical
+        batch = [queries[i] for i in items]
+        rows = [self.image_rows[q.image_path] for q in batch]
+        slots = self.model.trait_slots([q.trait for q in batch])
+        grid = self.features[torch.as_tensor(repeat_rows(rows, cfg.samples))].to(self.device)
+        traits = torch.as_tensor(repeat_rows(slots, cfg.samples), device=self.device)
+        decoding = self.config.model.decoder.decoding
+        self.model.decoder.train()
+        samples = sample_with_logprobs(self.model.decoder, grid, traits, decoding, generator)
+        captions = [self.model.vocab.decode(ids) for ids in samples.tokens]
+        rewards = torch.tensor(cider.scores(captions, repeat_rows(items, cfg.samples))).view(len(batch), -1)
+        if cfg.baseline == "mean":
+            baseline = leave_one_out_baseline(rewards)
+        else:  # the greedy caption's reward, decoded in eval mode (no dropout), as in Rennie et al.
+            greedy = caption_rows(self.model, self.features, rows, slots,
+                                  decoding.model_copy(update={"method": "greedy"}))
+            baseline = torch.tensor(cider.scores(greedy, items)).unsqueeze(1).expand_as(rewards)
+            self.model.decoder.train()
+        loss = policy_gradient_loss(samples, (rewards - baseline).reshape(-1).to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.decoder.parameters(), self.config.train.grad_clip)
+        self.optimizer.step()
+        return {"loss": loss.item(), "reward": rewards.mean().item(), "baseline": baseline.mean().item()}
+
+    def self_critical_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training queries in shuffled batches; mean loss, sample reward and baseline
+        (CIDEr-D x 100, the reported scale)."""
+        cfg = self.config.train.self_critical
+        queries, cider = self.reward_queries()
+        order = list(range(len(queries)))
+        random.Random(self.config.train.seed * 100_003 + epoch).shuffle(order)
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        limit = self.config.train.max_steps_per_epoch
+        batches = batches[:limit] if limit else batches
+        generator = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
+        steps: list[dict[str, float]] = []
+        with progress(len(batches), f"self-critical epoch {self.progress.self_critical_epochs + 1} of {cfg.epochs}",
+                      "batches") as bar:
+            for items in batches:
+                steps.append(self._self_critical_step(queries, items, cider, generator))
+                bar.set_postfix(reward=f"{100 * steps[-1]['reward']:.1f}")
+                bar.update(1)
+        return {key: float(np.mean([s[key] for s in steps])) * (1 if key == "loss" else 100) for key in steps[0]}
+
+    def start_self_critical(self) -> None:
+        """Enter the self-critical phase from the best cross-entropy weights with a fresh optimizer."""
+        best = self.out_dir / "best"
+        if best.is_dir():
+            load_weights(self.model, best / WEIGHTS)
+        self.optimizer = self._adam(self.config.train.self_critical.lr)
+        self.progress.phase, self.progress.bad_epochs = "self_critical", 0
+        logger.info("self-critical training from %s (val CIDEr-D %.2f at epoch %d), lr %g, %d samples, %s baseline",
+                    best if best.is_dir() else "the current weights", self.progress.best_score,
+                    self.progress.best_epoch, self.config.train.self_critical.lr,
+                    self.config.train.self_critical.samples, self.config.train.self_critical.baseline)
 
     def captions(self, queries: Sequence[Query], slots: Sequence[int], options) -> list[str]:
         rows = [self.image_rows[q.image_path] for q in queries]
@@ -246,11 +341,11 @@ class GeneratorTrainer:
                                                              "the run started with)")
         state = load_train_state(folder, self.optimizer)
         names = [f.name for f in fields(GeneratorProgress)]
-        missing = [k for k in names if k not in state]
+        missing = [k for k in names if k not in state and k not in LATER_PROGRESS_FIELDS]
         if missing:
             raise CheckpointError(f"training state {folder / STATE_JSON} lacks {', '.join(missing)}; "
                                   "start again without --resume")
-        self.progress = GeneratorProgress(**{k: state[k] for k in names})
+        self.progress = GeneratorProgress(**{k: state[k] for k in names if k in state})
         keep_metrics_through(self.out_dir, self.progress.epoch)
         logger.info("resumed from %s after epoch %d (best val CIDEr-D %.2f at epoch %d)", folder,
                     self.progress.epoch, self.progress.best_score, self.progress.best_epoch)
@@ -267,23 +362,34 @@ class GeneratorTrainer:
             progress.bad_epochs += 1
         return progress.bad_epochs >= self.config.train.patience
 
+    def _train_one_epoch(self) -> dict[str, Any]:
+        """The current phase's epoch: what the record keeps of it (loss, and sampling or rewards)."""
+        epoch = self.progress.epoch
+        if self.progress.phase == "self_critical":
+            summary = self.self_critical_epoch(epoch)
+            self.progress.self_critical_epochs += 1
+            return {"phase": "self_critical", **summary}
+        return {"loss": self.train_epoch(epoch),
+                "sampling": sampling_probability(self.config.train.scheduled_sampling, epoch)}
+
     def _epoch(self) -> bool:
-        """One captioning epoch, validated, recorded and saved as a state; True when training should stop."""
+        """One epoch of the current phase, validated, recorded and saved as a state; True when it should stop."""
         start = time.perf_counter()
-        loss = self.train_epoch(self.progress.epoch)
+        trained = self._train_one_epoch()
         self.progress.epoch += 1
         val = self.validate()
         stop = self._after_validation(val)
         epoch = self.progress.epoch
         save_generator(self.model, self.out_dir / "last", metrics={"val": val, "epoch": epoch})
-        record = {"epoch": epoch, "loss": loss, "val": val, "best": self.progress.best_epoch == epoch,
-                  "sampling": sampling_probability(self.config.train.scheduled_sampling, epoch - 1),
+        record = {"epoch": epoch, **trained, "val": val, "best": self.progress.best_epoch == epoch,
                   "seconds": round(time.perf_counter() - start, 2)}
         self._append_metrics(record)
         self._save_state(record)
-        logger.info("epoch %d: loss %.3f, val greedy BLEU-4 %.2f CIDEr-D %.2f (%.1fs)%s | %s", epoch, loss,
-                    val["bleu_4"], val["cider_d"], record["seconds"], " *best*" if record["best"] else "",
-                    val["examples"][0])
+        rewards = (f", sample reward {trained['reward']:.2f} vs baseline {trained['baseline']:.2f}"
+                   if "reward" in trained else "")
+        logger.info("epoch %d: loss %.3f%s, val greedy BLEU-4 %.2f CIDEr-D %.2f (%.1fs)%s | %s", epoch,
+                    trained["loss"], rewards, val["bleu_4"], val["cider_d"], record["seconds"],
+                    " *best*" if record["best"] else "", val["examples"][0])
         if stop:
             logger.info("early stopping: no val CIDEr-D improvement for %d epochs", self.progress.bad_epochs)
         return stop
@@ -296,10 +402,18 @@ class GeneratorTrainer:
         if fresh and self.config.train.pretrain.captions:
             self.pretrain()
             self._save_state({"pretrain": self.progress.pretrain})  # a resumed run starts from the pretrained weights
-        while self.progress.epoch < self.config.train.epochs and not (
-                self.progress.bad_epochs >= self.config.train.patience):
+        patience = self.config.train.patience
+        while (self.progress.phase == "cross_entropy" and self.progress.epoch < self.config.train.epochs
+               and self.progress.bad_epochs < patience):
             if self._epoch():
                 break
+        self_critical = self.config.train.self_critical
+        if self_critical.epochs:
+            if self.progress.phase != "self_critical":
+                self.start_self_critical()
+            while self.progress.self_critical_epochs < self_critical.epochs and self.progress.bad_epochs < patience:
+                if self._epoch():
+                    break
         return self.finish(self.progress.best_epoch, time.perf_counter() - started)
 
     def finish(self, best_epoch: int, seconds: float) -> GeneratorResult:
@@ -311,6 +425,8 @@ class GeneratorTrainer:
                                   "decoding": decoding.model_dump(mode="json")}
         if self.progress.pretrain:
             report["pretrain"] = self.progress.pretrain
+        if self.progress.self_critical_epochs:
+            report["self_critical_epochs"] = self.progress.self_critical_epochs
         report["val"] = score_queries(self.val_queries, captions,
                                       training_captions=[r.caption for r in self.train_records],
                                       voices=voice_classifier(self.train_records))
