@@ -12,12 +12,18 @@ frozen batch norms folded into the convolutions, channels-last), then:
 * cosine of its pooled features to float32's on ``--photos`` held-out real photos (Flickr8k val);
 * what ``auto`` picks for the backbone and why (the library's own check, on the calibration photos).
 
+``--tta flip`` adds a row ``MODE+flip`` per mode: the same engine under test-time augmentation
+(:func:`transresnet.features.pooled_features`, the centre crop and its mirror in one batch of twice the
+photos), timed in the same interleaved rounds; its images/s count photos, its cosine is to float32+flip.
+
     .venv/bin/python benchmarks/image_encode_bench.py [--rounds 5] [--threads 2] [--modes ...] [--no-compile]
+        [--tta flip]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import sys
@@ -56,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     p.add_argument("--calibration", type=int, default=16, help="training photos calibrating int8 and auto")
     p.add_argument("--photos", type=int, default=100, help="held-out photos the cosines are measured on")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="also time every mode with these test-time views (model.image.tta), side by side")
     p.add_argument("--out", type=Path, default=None, help="JSON (default benchmarks/results/image_encode_bench.json)")
     return p.parse_args(argv)
 
@@ -104,8 +112,16 @@ def folded_engine(backbone: torch.nn.Module, cfg: Any) -> Any:
 
 
 def _runtime(mode: str) -> str:
-    """The runtime whose tolerance applies (folded is float32)."""
+    """The runtime whose tolerance applies (folded is float32; MODE+flip is MODE's)."""
+    mode = mode.split("+")[0]
     return "float32" if mode == FOLDED else mode
+
+
+def with_views(engines: dict[str, Any], tta: str) -> dict[str, Any]:
+    """Each engine under the test-time views ``tta``, named ``MODE+tta`` (the library's own averaging)."""
+    from transresnet.features import pooled_features
+
+    return {f"{mode}+{tta}": functools.partial(pooled_features, engine, tta=tta) for mode, engine in engines.items()}
 
 
 def bench_backbone(name: str, args: argparse.Namespace, modes: list[str], cache: Path) -> dict[str, Any]:
@@ -123,8 +139,16 @@ def bench_backbone(name: str, args: argparse.Namespace, modes: list[str], cache:
             build_s[mode] += sum(timed(lambda e=engines[mode], b=b: per_image_rate(e, held_out[:b], 0.0))[0]
                                  for b in BATCHES)
         logger.info("%s: built %s in %.1fs", name, mode, build_s[mode])
+    if args.tta != "none":
+        views = with_views(engines, args.tta)
+        build_s.update({tta_mode: build_s[tta_mode.split("+")[0]] for tta_mode in views})
+        engines.update(views)
+        modes = [*modes, *views]
     with torch.inference_mode():
         reference = ir.TorchEngine("float32", backbone)(held_out)
+        references = {"none": reference}
+        if args.tta != "none":
+            references[args.tta] = engines[f"float32+{args.tta}"](held_out)
     rates: dict[str, dict[int, list[float]]] = {m: {b: [] for b in BATCHES} for m in modes}
     for round_no in range(args.rounds):
         order = modes[round_no % len(modes):] + modes[:round_no % len(modes)]
@@ -138,7 +162,7 @@ def bench_backbone(name: str, args: argparse.Namespace, modes: list[str], cache:
     for mode in modes:
         medians = {b: statistics.median(rates[mode][b]) for b in BATCHES}
         results[mode] = {"images_per_s": medians, "rounds": rates[mode], "build_s": build_s[mode],
-                         "cosine": cosines(engines[mode], reference, held_out),
+                         "cosine": cosines(engines[mode], references[mode.partition("+")[2] or "none"], held_out),
                          "tolerance": ir.tolerance(_runtime(mode)),
                          "auto_tolerance": ir.tolerance(_runtime(mode), auto=True)}
     return {"backbone": name, "image_size": cfg.image_size, "modes": results,
