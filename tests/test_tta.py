@@ -142,3 +142,18 @@ def test_eval_overrides_the_checkpoints_views(tiny_checkpoint: Checkpoint, tmp_p
     assert reports["flip"]["image_encoder"]["tta"] == "flip" and reports["none"]["image_encoder"]["tta"] == "none"
     assert "test-time views: flip" in (tmp_path / "flip" / "eval.md").read_text()
     assert len(list((tmp_path / "features").iterdir())) == 2  # cached apart
+
+
+def test_training_reads_single_view_features_whatever_the_option(flip_checkpoint: Checkpoint, tmp_path: Path) -> None:
+    from transresnet.features import weights_identity
+    from transresnet.train import ImageInputs
+
+    config = flip_checkpoint.config.model_copy(deep=True)
+    config.data.feature_cache = str(tmp_path / "features")
+    paths = [square_photo(tmp_path, seed) for seed in range(3)]
+    model = flip_checkpoint.model
+    inputs = ImageInputs(model, config, paths, torch.device("cpu"))
+    single = cached_features(model.backbone, config.model.image, paths, root=tmp_path / "features",
+                             weights=weights_identity(config.model.image), views=1 + config.data.augment_crops)
+    np.testing.assert_array_equal(inputs.cached.numpy(), single)  # the same cache, no averaged view
+    np.testing.assert_array_equal(inputs.features([0, 1, 2], train=False).numpy(), single[:, 0])
