@@ -46,7 +46,8 @@ def describe_model(checkpoint: Checkpoint) -> str:
     """'flickr8k_voices: Flickr8k photos of ..., voiced captions (...); tf_efficientnet_lite2 image encoder,
     trained on captions.csv in voices/, 10 personalities'."""
     config = checkpoint.config
-    parts = [f"{config.model.image.backbone} image encoder"]
+    views = f" with {config.model.image.tta} test-time augmentation" if config.model.image.tta != "none" else ""
+    parts = [f"{config.model.image.backbone} image encoder{views}"]
     if config.data.train:
         train = Path(config.data.train)
         parts.append(f"trained on {train.name} in {train.parent.name or '.'}/")

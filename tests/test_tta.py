@@ -110,8 +110,10 @@ def test_the_service_and_the_evaluator_give_the_same_query(flip_checkpoint: Chec
     buffer = io.BytesIO()
     Image.open(photo).save(buffer, format="PNG")
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready = client.get("/readyz").json()
         response = client.post("/v1/captions", data={"personality": ["Sweet"], "k": str(k)},
                                files={"image": ("photo.png", buffer.getvalue(), "image/png")})
+    assert "test_resnet image encoder with flip test-time augmentation" in ready["model"]["description"]
     assert response.status_code == 200, response.text
     served = {c["id"]: c["score"] for c in response.json()["results"][0]["captions"]}
     np.testing.assert_allclose([served[h.id] for h in expected], [h.score for h in expected], rtol=1e-4, atol=1e-4)
@@ -157,3 +159,12 @@ def test_training_reads_single_view_features_whatever_the_option(flip_checkpoint
                              weights=weights_identity(config.model.image), views=1 + config.data.augment_crops)
     np.testing.assert_array_equal(inputs.cached.numpy(), single)  # the same cache, no averaged view
     np.testing.assert_array_equal(inputs.features([0, 1, 2], train=False).numpy(), single[:, 0])
+
+
+def test_eval_refuses_views_for_caption_generators() -> None:
+    from pydantic import ValidationError
+
+    from transresnet.options import EvalOptions
+
+    with pytest.raises(ValidationError, match="--tta applies to retrieval"):
+        EvalOptions(checkpoint=Path("c"), data=Path("d"), protocol="generate", tta="flip")

@@ -142,4 +142,7 @@ class EvalOptions(BaseModel):
     def _index_needs_pool(self) -> EvalOptions:
         if self.index is not None and self.protocol != "pool":
             raise ValueError("--index only applies to the pool protocol (candidate lists are scored exactly)")
+        if self.tta is not None and self.protocol == "generate":
+            raise ValueError("--tta applies to retrieval (the candidates and pool protocols): caption generators "
+                             "read grid features, which are never averaged over views")
         return self
