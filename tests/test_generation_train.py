@@ -326,6 +326,14 @@ def test_sampled_log_probabilities_are_the_teacher_forced_ones_of_the_sampled_ca
         assert samples.logprob[row].item() == pytest.approx(expected.item(), abs=1e-5)
         assert samples.lengths[row].item() == len(tokens) + 1
     assert samples.logprob.requires_grad
+    # Beam candidates are scored by teacher forcing: the same numbers for the same captions (away from the
+    # forced <eos>, where the sampler's restricted distribution has no choice left).
+    from transresnet.generation.self_critical import teacher_forced_logprobs
+
+    short = [row for row, tokens in enumerate(samples.tokens) if len(tokens) < options.max_length]
+    forced = teacher_forced_logprobs(decoder, grid[short], traits[short], [samples.tokens[r] for r in short])
+    assert torch.allclose(forced.logprob, samples.logprob[short].detach(), atol=1e-5) and short
+    assert torch.equal(forced.lengths, samples.lengths[short])
 
 
 def test_the_leave_one_out_baseline_is_the_mean_of_the_other_samples() -> None:
@@ -336,32 +344,36 @@ def test_the_leave_one_out_baseline_is_the_mean_of_the_other_samples() -> None:
 
 
 def _self_critical_tree(dataset: Path, cache: Path, **self_critical: object) -> dict:
-    tree = _tiny_tree(dataset, cache, epochs=2, max_steps_per_epoch=4)
-    tree["train"]["self_critical"] = {"epochs": 3, "lr": 1e-3, "samples": 4, "batch_size": 40, **self_critical}
+    """Two cross-entropy epochs of the tiny UpDown, then three self-critical ones."""
+    tree = generator_tree(dataset, cache)
+    tree["train"].update(epochs=2, self_critical={"epochs": 3, "lr": 1e-3, "samples": 5, "batch_size": 40,
+                                                  **self_critical})
     return tree
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+@pytest.mark.parametrize(("candidates", "baseline"), [("sample", "greedy"), ("beam", "mean")])
 def test_self_critical_training_raises_the_reward_and_val_cider(synthetic_dataset: Path, tmp_path: Path,
-                                                                baseline: str) -> None:
+                                                                candidates: str, baseline: str) -> None:
     """After two short cross-entropy epochs, self-critical epochs start from the best checkpoint and the
-    sampled captions' CIDEr-D rises epoch over epoch, and so does greedy val CIDEr-D."""
-    tree = _self_critical_tree(synthetic_dataset, tmp_path / "cache", baseline=baseline)
+    candidates' CIDEr-D rises epoch over epoch, and so does greedy val CIDEr-D."""
+    tree = _self_critical_tree(synthetic_dataset, tmp_path / "cache", candidates=candidates, baseline=baseline)
     result = train_generator(build_config(tree), tmp_path / "run")
     records = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("phase") for r in records] == [None, None, "self_critical", "self_critical", "self_critical"]
+    assert [r.get("phase") for r in records] == [None, None, *["self_critical"] * 3]
     rewards = [r["reward"] for r in records[2:]]
-    assert rewards[-1] > rewards[0] + 3, rewards
+    assert rewards[2] > rewards[0] + 3, rewards
     cross_entropy_best = max(r["val"]["cider_d"] for r in records[:2])
-    assert max(r["val"]["cider_d"] for r in records[2:]) > cross_entropy_best + 3
+    assert max(r["val"]["cider_d"] for r in records[2:]) > cross_entropy_best + 3, records
     assert result.report["best_epoch"] > 2 and result.report["self_critical_epochs"] == 3
 
 
 @pytest.mark.slow
 def test_a_run_resumed_in_self_critical_training_ends_with_the_uninterrupted_weights(
         synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = build_config(_self_critical_tree(synthetic_dataset, tmp_path / "cache", epochs=2))
+    tree = _self_critical_tree(synthetic_dataset, tmp_path / "cache")
+    tree["train"]["max_steps_per_epoch"] = 3
+    config = build_config(tree)
     whole = train_generator(config, tmp_path / "whole")
     real_epoch = GeneratorTrainer.self_critical_epoch
 
@@ -377,4 +389,25 @@ def test_a_run_resumed_in_self_critical_training_ends_with_the_uninterrupted_wei
     resumed = train_generator(config, tmp_path / "resumed", resume=True)
     for name in ("best", "last"):
         _assert_same_weights(whole.out_dir / name, resumed.out_dir / name)
-    assert resumed.report["self_critical_epochs"] == 2
+    assert resumed.report["self_critical_epochs"] == 3
+
+
+def test_cached_random_crops_feed_training_and_the_centre_crop_validation(synthetic_dataset: Path,
+                                                                           tmp_path: Path) -> None:
+    """``data.augment_crops``: training draws one cached view per example (centre or a random crop), while
+    validation and the report read the centre crop only."""
+    tree = _tiny_tree(synthetic_dataset, tmp_path / "cache", epochs=1, max_steps_per_epoch=2)
+    tree["data"]["augment_crops"] = 2
+    trainer = GeneratorTrainer(build_config(tree), tmp_path / "run")
+    train_images = len({r.image_path for r in trainer.train_records})
+    assert trainer.crops is not None and tuple(trainer.crops.shape[:2]) == (train_images, 3)
+    assert torch.equal(trainer.crops[:, 0], trainer.features[:train_images])  # view 0 is the centre crop
+    assert not torch.equal(trainer.crops[:, 1], trainer.crops[:, 0])
+    torch.manual_seed(0)
+    drawn = trainer.training_grid(range(50))
+    views = [next(v for v in range(3) if torch.equal(drawn[i], trainer.crops[i, v])) for i in range(50)]
+    assert set(views) == {0, 1, 2}
+    result = trainer.run()
+    assert result.report["val"]["queries"] == len(trainer.val_queries)
+    plain = GeneratorTrainer(build_config(_tiny_tree(synthetic_dataset, tmp_path / "cache")), tmp_path / "plain")
+    assert plain.crops is None and torch.equal(plain.training_grid([3]), plain.features[[3]])

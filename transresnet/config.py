@@ -250,7 +250,10 @@ class SelfCriticalConfig(_Strict):
     lr: float = Field(5e-5, gt=0)
     """Learning rate of the fine-tuning (a fresh Adam)."""
     samples: int = Field(5, ge=1)
-    """Captions sampled per (image, trait) query per step."""
+    """Candidate captions per (image, trait) query per step."""
+    candidates: Literal["sample", "beam"] = "sample"
+    """Where they come from: drawn from the model (temperature 1), or the ``samples`` best beams of a beam
+    search that wide (then scored by teacher forcing; Cornia et al. 2020)."""
     baseline: Literal["mean", "greedy"] = "mean"
     """The reward subtracted: the other samples' mean (needs samples >= 2) or the greedy caption's."""
     batch_size: int = Field(50, ge=1)

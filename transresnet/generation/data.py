@@ -26,12 +26,13 @@ def backbone_identity(model: CaptionModel) -> str:
 
 
 def grid_features(model: CaptionModel, paths: Sequence[Path], *, root: str | Path, batch_size: int = 64,
-                  num_workers: int = 0, identity: str | None = None) -> torch.Tensor:
-    """Grid features (N, cells, F) of frozen-backbone images, through the on-disk feature cache."""
+                  num_workers: int = 0, identity: str | None = None, views: int = 1) -> torch.Tensor:
+    """Grid features (N, cells, F) of frozen-backbone images, through the on-disk feature cache; with
+    ``views`` > 1, (N, views, cells, F): the centre crop, then the random crops training draws from."""
     features = cached_features(model.backbone, model.config.model.image, paths, root=root,
-                               weights=identity or backbone_identity(model), views=1, batch_size=batch_size,
+                               weights=identity or backbone_identity(model), views=views, batch_size=batch_size,
                                num_workers=num_workers, device=model.device, pooling="grid")
-    return torch.from_numpy(np.ascontiguousarray(features[:, 0]))
+    return torch.from_numpy(np.ascontiguousarray(features[:, 0] if views == 1 else features))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ references), and each sample's log-probability is pushed up by how much its rewa
 mean reward of the other samples of the same query (Luo 2020, "A better variant of self-critical sequence
 training") or the reward of the greedy caption (Rennie et al.). The trainer (:mod:`.train`) runs it as a
 phase after cross entropy.
+
+The candidates are either sampled (the policy gradient proper) or the query's best beams, re-scored by
+teacher forcing for the gradient, as the Meshed-Memory Transformer (Cornia et al. 2020) and X-LAN train:
+a model trained with label smoothing spreads so much mass over rare words that its samples score a
+quarter of its greedy captions' CIDEr-D, and pushing those around leaves the beams it decodes with behind.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from transresnet.config import DecodingConfig
-from transresnet.generation.decoding import restrict
+from transresnet.generation.decoding import beam_search, restrict
 from transresnet.generation.models import CaptionDecoder
-from transresnet.generation.vocab import BOS_ID, EOS_ID, PAD_ID
+from transresnet.generation.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 @dataclass
@@ -65,6 +70,34 @@ def sample_with_logprobs(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids:
             break
         tokens = chosen.masked_fill(~torch.tensor(alive, device=grid.device), PAD_ID)
     return Samples(histories, total, lengths)
+
+
+@torch.no_grad()
+def beam_candidates(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids: torch.Tensor, options: DecodingConfig,
+                    width: int) -> list[list[list[int]]]:
+    """The ``width`` best beams per row (beam search of that width, eval mode), as word ids."""
+    beams = beam_search(decoder, grid, trait_ids, options.model_copy(update={"beam_size": width}), n_best=width)
+    return [[h.tokens for h in hyps] for hyps in beams]
+
+
+def teacher_forced_logprobs(decoder: CaptionDecoder, grid: torch.Tensor, trait_ids: torch.Tensor,
+                            captions: Sequence[Sequence[int]]) -> Samples:
+    """The captions (word ids, one per row) scored by the decoder in its current mode, with gradient: the
+    sum of the log-probabilities of their words and <eos> (special tokens masked, as decoding never emits
+    them)."""
+    length = max(len(c) for c in captions) + 1
+    inputs = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    for row, words in enumerate(captions):
+        inputs[row, : len(words) + 1] = torch.tensor([BOS_ID, *words])
+        targets[row, : len(words) + 1] = torch.tensor([*words, EOS_ID])
+    inputs, targets = inputs.to(grid.device), targets.to(grid.device)
+    logits = decoder(grid, trait_ids, inputs).float()
+    logits = logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID, UNK_ID], device=grid.device), float("-inf"))
+    picked = logits.log_softmax(-1).gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)
+    scored = targets != PAD_ID
+    logprob = torch.where(scored, picked, torch.zeros_like(picked)).sum(1)
+    return Samples([list(c) for c in captions], logprob, scored.sum(1).float())
 
 
 def leave_one_out_baseline(rewards: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Training a caption generator: teacher forcing with cross entropy over cached grid features.
 
-The backbone is frozen and its grid features come from the on-disk feature cache once; each epoch
+The backbone is frozen and its grid features come from the on-disk feature cache once (with
+``data.augment_crops``, also that many random crops of each training photo, one drawn per example and step,
+as the retrieval trainer does); each epoch
 shuffles the (image, trait, caption) examples, minimises the word cross entropy (optional label smoothing)
 with clipped gradients, then captions the validation queries greedily and scores them. The best epoch by
 val CIDEr-D is ``OUT/best``, the latest ``OUT/last``; training stops after ``train.patience`` epochs
@@ -42,15 +44,18 @@ from transresnet.config import ExperimentConfig, ScheduledSamplingConfig, dump_c
 from transresnet.devices import resolve_device
 from transresnet.generation.checkpoint import VOCAB, CaptionModel, save_generator, write_generator
 from transresnet.generation.data import Example, Query, build_examples, grid_features, group_queries, teacher_forcing
+from transresnet.generation.decoding import greedy as greedy_decode
 from transresnet.generation.evaluate import caption_rows, score_queries, voice_classifier
 from transresnet.generation.metrics import CiderD
 from transresnet.generation.models import CaptionDecoder
 from transresnet.generation.pretrain import held_out_records, load_pool, pretrain_decoder
 from transresnet.generation.self_critical import (
+    beam_candidates,
     leave_one_out_baseline,
     policy_gradient_loss,
     repeat_rows,
     sample_with_logprobs,
+    teacher_forced_logprobs,
 )
 from transresnet.generation.vocab import BOS_ID, PAD_ID, Vocabulary
 from transresnet.progress import progress
@@ -162,6 +167,7 @@ class GeneratorTrainer:
         self.image_rows = {p: i for i, p in enumerate(paths)}
         self.features = grid_features(self.model, paths, root=config.data.feature_cache,
                                       num_workers=config.train.num_workers)
+        self.crops = self._training_crops(paths)
         slots = self.model.trait_slots([r.personality for r in self.train_records])
         self.examples = build_examples(self.train_records, self.image_rows, slots, vocab, vocab_cfg.max_tokens)
         self.val_records, self.test_records = val_records, test_records
@@ -174,6 +180,25 @@ class GeneratorTrainer:
                     "grid %s, on %s", config.model.family, config.model.decoder.cell, len(self.examples),
                     len({e.image_row for e in self.examples}), len(vocab), vocab.level, len(traits) - 1,
                     len(self.val_queries), tuple(self.features.shape[1:]), self.device)
+
+    def _training_crops(self, paths: Sequence[Path]) -> torch.Tensor | None:
+        """With ``data.augment_crops``, every training image's grid for its centre crop and that many random
+        crops (T, views, cells, F); training images are the first rows of ``paths``."""
+        crops = self.config.data.augment_crops
+        if not crops:
+            return None
+        train_paths = list(dict.fromkeys(r.image_path for r in self.train_records))
+        assert paths[: len(train_paths)] == train_paths
+        return grid_features(self.model, train_paths, root=self.config.data.feature_cache,
+                             num_workers=self.config.train.num_workers, views=1 + crops)
+
+    def training_grid(self, rows: Sequence[int]) -> torch.Tensor:
+        """Grid features of training rows: the centre crop, or with cached crops one view drawn per row."""
+        index = torch.as_tensor(list(rows))
+        if self.crops is None:
+            return self.features[index].to(self.device)
+        view = torch.randint(self.crops.shape[1], (len(index),))
+        return self.crops[index, view].to(self.device)
 
     def _adam(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.decoder.parameters(), lr=lr, weight_decay=self.config.train.weight_decay)
@@ -189,7 +214,7 @@ class GeneratorTrainer:
 
     def _step(self, batch: Sequence[Example], sampling: float = 0.0) -> float:
         inputs, targets = teacher_forcing(batch, self.device)
-        grid = self.features[torch.as_tensor([e.image_row for e in batch])].to(self.device)
+        grid = self.training_grid([e.image_row for e in batch])
         traits = torch.as_tensor([e.trait for e in batch], device=self.device)
         if sampling > 0:
             logits = scheduled_sampling_logits(self.model.decoder, grid, traits, inputs, sampling,
@@ -232,18 +257,25 @@ class GeneratorTrainer:
         batch = [queries[i] for i in items]
         rows = [self.image_rows[q.image_path] for q in batch]
         slots = self.model.trait_slots([q.trait for q in batch])
-        grid = self.features[torch.as_tensor(repeat_rows(rows, cfg.samples))].to(self.device)
+        grid = self.training_grid(rows).repeat_interleave(cfg.samples, dim=0)  # one view for a query's samples
         traits = torch.as_tensor(repeat_rows(slots, cfg.samples), device=self.device)
         decoding = self.config.model.decoder.decoding
         self.model.decoder.train()
-        samples = sample_with_logprobs(self.model.decoder, grid, traits, decoding, generator)
+        if cfg.candidates == "beam":
+            beams = beam_candidates(self.model.decoder, grid[::cfg.samples], traits[::cfg.samples], decoding,
+                                    cfg.samples)
+            # A row with fewer finished beams than asked repeats its best (it then adds no gradient of its own).
+            words = [row[i] if i < len(row) else row[0] for row in beams for i in range(cfg.samples)]
+            samples = teacher_forced_logprobs(self.model.decoder, grid, traits, words)
+        else:
+            samples = sample_with_logprobs(self.model.decoder, grid, traits, decoding, generator)
         captions = [self.model.vocab.decode(ids) for ids in samples.tokens]
         rewards = torch.tensor(cider.scores(captions, repeat_rows(items, cfg.samples))).view(len(batch), -1)
         if cfg.baseline == "mean":
             baseline = leave_one_out_baseline(rewards)
         else:  # the greedy caption's reward, decoded in eval mode (no dropout), as in Rennie et al.
-            greedy = caption_rows(self.model, self.features, rows, slots,
-                                  decoding.model_copy(update={"method": "greedy"}))
+            greedy = [self.model.vocab.decode(ids) for ids in
+                      greedy_decode(self.model.decoder, grid[::cfg.samples], traits[::cfg.samples], decoding)]
             baseline = torch.tensor(cider.scores(greedy, items)).unsqueeze(1).expand_as(rewards)
             self.model.decoder.train()
         loss = policy_gradient_loss(samples, (rewards - baseline).reshape(-1).to(self.device))
@@ -281,10 +313,10 @@ class GeneratorTrainer:
             load_weights(self.model, best / WEIGHTS)
         self.optimizer = self._adam(self.config.train.self_critical.lr)
         self.progress.phase, self.progress.bad_epochs = "self_critical", 0
-        logger.info("self-critical training from %s (val CIDEr-D %.2f at epoch %d), lr %g, %d samples, %s baseline",
-                    best if best.is_dir() else "the current weights", self.progress.best_score,
-                    self.progress.best_epoch, self.config.train.self_critical.lr,
-                    self.config.train.self_critical.samples, self.config.train.self_critical.baseline)
+        cfg = self.config.train.self_critical
+        logger.info("self-critical training from %s (val CIDEr-D %.2f at epoch %d), lr %g, %d %s candidates, %s "
+                    "baseline", best if best.is_dir() else "the current weights", self.progress.best_score,
+                    self.progress.best_epoch, cfg.lr, cfg.samples, cfg.candidates, cfg.baseline)
 
     def captions(self, queries: Sequence[Query], slots: Sequence[int], options) -> list[str]:
         rows = [self.image_rows[q.image_path] for q in queries]
