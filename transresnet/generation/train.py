@@ -15,8 +15,8 @@ of the gold token with a probability that ramps up over the epochs.
 
 Also optional: self-critical fine-tuning (``train.self_critical``, :mod:`transresnet.generation.self_critical`)
 after the cross-entropy epochs end (their budget or patience): it starts from the best checkpoint with a fresh
-optimizer, rewards sampled captions with their CIDEr-D, and validates and selects like the epochs before it, so
-``best`` is the better of the two phases on val.
+optimizer, rewards candidate captions (sampled, or the best beams) with their CIDEr-D, and validates and
+selects like the epochs before it, so ``best`` is the better of the two phases on val.
 
 After pretraining and after every epoch a complete training state (weights, optimizer, progress and RNG
 states) is published atomically in ``OUT/states/`` and named by ``OUT/LAST``, with the retrieval trainer's
@@ -252,7 +252,8 @@ class GeneratorTrainer:
 
     def _self_critical_step(self, queries: Sequence[Query], items: Sequence[int], cider: CiderD,
                             generator: torch.Generator) -> dict[str, float]:
-        """Sample each query ``samples`` times, reward the captions, and take one policy-gradient step."""
+        """``samples`` candidates per query (sampled, or its best beams), rewarded with their CIDEr-D against
+        the query's references, and one policy-gradient step."""
         cfg = self.config.train.self_critical
         batch = [queries[i] for i in items]
         rows = [self.image_rows[q.image_path] for q in batch]
@@ -265,7 +266,7 @@ class GeneratorTrainer:
             beams = beam_candidates(self.model.decoder, grid[::cfg.samples], traits[::cfg.samples], decoding,
                                     cfg.samples)
             # A row with fewer finished beams than asked repeats its best (it then adds no gradient of its own).
-            words = [row[i] if i < len(row) else row[0] for row in beams for i in range(cfg.samples)]
+            words = [row[i] if i < len(row) else (row[0] if row else []) for row in beams for i in range(cfg.samples)]
             samples = teacher_forced_logprobs(self.model.decoder, grid, traits, words)
         else:
             samples = sample_with_logprobs(self.model.decoder, grid, traits, decoding, generator)
