@@ -258,6 +258,24 @@ def test_scheduled_sampling_off_trains_exactly_as_teacher_forcing(synthetic_data
     assert json.loads((tmp_path / "sampled" / "metrics.jsonl").read_text())["sampling"] == 0.5
 
 
+def _killed_and_resumed(config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, kill_when):
+    """An uninterrupted run, and a run killed in ``GeneratorTrainer.method`` once ``kill_when(trainer, epoch)``
+    holds, then resumed: (whole, resumed) results."""
+    whole = train_generator(config, tmp_path / "whole")
+    real = getattr(GeneratorTrainer, method)
+
+    def killed(self: GeneratorTrainer, epoch: int):
+        if kill_when(self, epoch):
+            raise KeyboardInterrupt("killed")
+        return real(self, epoch)
+
+    monkeypatch.setattr(GeneratorTrainer, method, killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(config, tmp_path / "resumed")
+    monkeypatch.setattr(GeneratorTrainer, method, real)
+    return whole, train_generator(config, tmp_path / "resumed", resume=True)
+
+
 @pytest.mark.parametrize("stop_after", [0, 2])
 def test_a_resumed_run_ends_with_the_uninterrupted_weights(synthetic_dataset: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch, stop_after: int) -> None:
@@ -267,22 +285,8 @@ def test_a_resumed_run_ends_with_the_uninterrupted_weights(synthetic_dataset: Pa
                       pretrain={"captions": str(synthetic_dataset), "bptt": 6, "epochs": 2, "batch_size": 16,
                                 "max_steps_per_epoch": 4},
                       scheduled_sampling={"max_prob": 0.3, "ramp_epochs": 2})
-    config = build_config(tree)
-    whole = train_generator(config, tmp_path / "whole")
-
-    real_epoch = GeneratorTrainer.train_epoch
-
-    def killed(self: GeneratorTrainer, epoch: int) -> float:
-        if epoch == stop_after:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(GeneratorTrainer, "train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train_generator(config, tmp_path / "resumed")
-    monkeypatch.setattr(GeneratorTrainer, "train_epoch", real_epoch)
-    resumed = train_generator(config, tmp_path / "resumed", resume=True)
-
+    whole, resumed = _killed_and_resumed(build_config(tree), tmp_path, monkeypatch, "train_epoch",
+                                         lambda trainer, epoch: epoch == stop_after)
     for name in ("best", "last"):
         _assert_same_weights(whole.out_dir / name, resumed.out_dir / name)
     lines = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -373,20 +377,8 @@ def test_a_run_resumed_in_self_critical_training_ends_with_the_uninterrupted_wei
         synthetic_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tree = _self_critical_tree(synthetic_dataset, tmp_path / "cache")
     tree["train"]["max_steps_per_epoch"] = 3
-    config = build_config(tree)
-    whole = train_generator(config, tmp_path / "whole")
-    real_epoch = GeneratorTrainer.self_critical_epoch
-
-    def killed(self: GeneratorTrainer, epoch: int) -> dict:
-        if self.progress.self_critical_epochs == 1:
-            raise KeyboardInterrupt("killed")
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(GeneratorTrainer, "self_critical_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train_generator(config, tmp_path / "resumed")
-    monkeypatch.setattr(GeneratorTrainer, "self_critical_epoch", real_epoch)
-    resumed = train_generator(config, tmp_path / "resumed", resume=True)
+    whole, resumed = _killed_and_resumed(build_config(tree), tmp_path, monkeypatch, "self_critical_epoch",
+                                         lambda trainer, epoch: trainer.progress.self_critical_epochs == 1)
     for name in ("best", "last"):
         _assert_same_weights(whole.out_dir / name, resumed.out_dir / name)
     assert resumed.report["self_critical_epochs"] == 3
