@@ -238,11 +238,11 @@ class ScheduledSamplingConfig(_Strict):
 class SelfCriticalConfig(_Strict):
     """Generators: self-critical sequence training (Rennie et al. 2017) after the cross-entropy epochs.
 
-    The best cross-entropy checkpoint is fine-tuned with REINFORCE on the CIDEr-D of captions sampled from the
-    model (document frequencies from the training references), minus a baseline: the mean reward of the other
-    samples of the same image (Luo 2020, ``mean``) or the reward of the greedy caption (Rennie et al.,
-    ``greedy``). Each epoch is validated and selected on greedy val CIDEr-D like the others, with the same
-    patience.
+    The best cross-entropy checkpoint is fine-tuned with REINFORCE on the CIDEr-D of candidate captions, sampled
+    from the model or its best beams (document frequencies from the training references, an end token scored),
+    minus a baseline: the mean reward of the other candidates of the same query (Luo 2020, ``mean``) or the
+    reward of the greedy caption (Rennie et al., ``greedy``). Each epoch is validated and selected on greedy
+    val CIDEr-D like the others, with the same patience.
     """
 
     epochs: int = Field(0, ge=0)
