@@ -70,12 +70,17 @@ def build_examples(records: Sequence[CaptionRecord], image_rows: dict[Path, int]
 
 def teacher_forcing(batch: Sequence[Example], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``<bos> w1 .. wn`` and targets ``w1 .. wn <eos>``, padded with <pad> (B, L)."""
-    length = max(len(e.tokens) for e in batch) + 1
-    inputs = torch.full((len(batch), length), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(batch), length), PAD_ID, dtype=torch.long)
-    for i, e in enumerate(batch):
-        inputs[i, : len(e.tokens) + 1] = torch.tensor([BOS_ID, *e.tokens])
-        targets[i, : len(e.tokens) + 1] = torch.tensor([*e.tokens, EOS_ID])
+    return shifted_tokens([e.tokens for e in batch], device)
+
+
+def shifted_tokens(captions: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word ids per caption -> teacher-forcing inputs and targets (see :func:`teacher_forcing`)."""
+    length = max(len(c) for c in captions) + 1
+    inputs = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    for i, words in enumerate(captions):
+        inputs[i, : len(words) + 1] = torch.tensor([BOS_ID, *words])
+        targets[i, : len(words) + 1] = torch.tensor([*words, EOS_ID])
     return inputs.to(device), targets.to(device)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from transresnet.config import DecodingConfig
+from transresnet.generation.data import shifted_tokens
 from transresnet.generation.decoding import beam_search, restrict
 from transresnet.generation.models import CaptionDecoder
 from transresnet.generation.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -85,13 +86,7 @@ def teacher_forced_logprobs(decoder: CaptionDecoder, grid: torch.Tensor, trait_i
     """The captions (word ids, one per row) scored by the decoder in its current mode, with gradient: the
     sum of the log-probabilities of their words and <eos> (special tokens masked, as decoding never emits
     them)."""
-    length = max(len(c) for c in captions) + 1
-    inputs = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
-    for row, words in enumerate(captions):
-        inputs[row, : len(words) + 1] = torch.tensor([BOS_ID, *words])
-        targets[row, : len(words) + 1] = torch.tensor([*words, EOS_ID])
-    inputs, targets = inputs.to(grid.device), targets.to(grid.device)
+    inputs, targets = shifted_tokens(captions, grid.device)
     logits = decoder(grid, trait_ids, inputs).float()
     logits = logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID, UNK_ID], device=grid.device), float("-inf"))
     picked = logits.log_softmax(-1).gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2)

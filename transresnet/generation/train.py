@@ -265,7 +265,7 @@ class GeneratorTrainer:
         if cfg.candidates == "beam":
             beams = beam_candidates(self.model.decoder, grid[::cfg.samples], traits[::cfg.samples], decoding,
                                     cfg.samples)
-            # A row with fewer finished beams than asked repeats its best (it then adds no gradient of its own).
+            # A row with fewer finished beams than asked repeats its best.
             words = [row[i] if i < len(row) else (row[0] if row else []) for row in beams for i in range(cfg.samples)]
             samples = teacher_forced_logprobs(self.model.decoder, grid, traits, words)
         else:
@@ -278,7 +278,6 @@ class GeneratorTrainer:
             greedy = [self.model.vocab.decode(ids) for ids in
                       greedy_decode(self.model.decoder, grid[::cfg.samples], traits[::cfg.samples], decoding)]
             baseline = torch.tensor(cider.scores(greedy, items)).unsqueeze(1).expand_as(rewards)
-            self.model.decoder.train()
         loss = policy_gradient_loss(samples, (rewards - baseline).reshape(-1).to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
