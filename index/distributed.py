@@ -468,4 +468,5 @@ def build_index_ray(checkpoint: Checkpoint, captions: Source | CaptionTable, out
             return write_version(root, vectors=vectors, table=table, checkpoint_info=checkpoint_info(checkpoint),
                                  options=options, encoding=encoding, stages={"read_s": read_s, "encode_s": encode_s},
                                  engine=_engine_record(ray, options, files, parallel),
-                                 builder=parallel_builder(ray, options.workers) if parallel else None)
+                                 builder=parallel_builder(ray, options.workers) if parallel else None,
+                                 checkpoint=checkpoint)

@@ -32,15 +32,16 @@ from . import store
 from .build import (
     Published,
     Tuning,
+    TuningQueries,
     _manifest,
     build_and_tune,
     checkpoint_info,
     encode_table,
     held_out_rows,
-    load_queries,
     publish_version,
     refuse_nonfinite,
     tune_index,
+    tuning_queries,
 )
 from .captions import (
     CSV_SUFFIXES,
@@ -122,7 +123,7 @@ def parent_options(manifest: dict[str, Any], update: UpdateOptions | None) -> Bu
     options = BuildOptions.model_validate(known)
     if options.queries is not None and not Path(options.queries).is_file():
         logger.warning("the query vectors %s the parent was tuned with are gone; re-checking recall with "
-                       "held-out caption vectors", options.queries)
+                       "held-out photo queries or caption vectors", options.queries)
         options = options.model_copy(update={"queries": None})
     return (update or UpdateOptions()).over(options)
 
@@ -351,37 +352,38 @@ def stored_vectors(index: faiss.Index) -> tuple[np.ndarray, bool]:
 # ---------------------------------------------------------------------------------------- recall
 
 
-def recheck_tuning(index: faiss.Index, spec: fx.IndexSpec, options: BuildOptions
-                   ) -> tuple[Tuning, dict[str, Any]]:
-    """Measure the parent's tuned search parameters on the updated index against exact search; keep them
-    when they still reach the recall target, else re-tune (the build's tuning). Flat is exact."""
+def recheck_tuning(index: faiss.Index, spec: fx.IndexSpec, options: BuildOptions,
+                   queries: TuningQueries | None = None) -> tuple[Tuning, dict[str, Any]]:
+    """Measure the parent's tuned search parameters on the updated index against exact search (with
+    ``queries``, else the build's choice without a checkpoint); keep them when they still reach the recall
+    target, else re-tune (the build's tuning). Flat is exact."""
     if spec.type == "flat":
         return Tuning({}, 1.0, None, None, None, "exact", 0, 0.0), {"exact": True}
     started = time.perf_counter()
     vectors, exact = stored_vectors(index)
     n = len(vectors)
-    queries_file = load_queries(options.queries, vectors.shape[1]) if options.queries else None
-    held_out = None if queries_file is not None else held_out_rows(n, options.tune_queries, options.seed)
+    queries = queries or tuning_queries(options, vectors.shape[1])
+    held_out = None if queries is not None else held_out_rows(n, options.tune_queries, options.seed)
     k = max(1, min(options.recall_k, n - 1))
-    queries = queries_file if queries_file is not None else vectors[held_out]
-    _, truth = fx.exact_search(vectors, queries, k + (held_out is not None))
+    query_vectors = queries.vectors if queries is not None else vectors[held_out]
+    _, truth = fx.exact_search(vectors, query_vectors, k + (held_out is not None))
     truth = fx.drop_self(truth, held_out, k)
     params = fx.current_params(index)
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + (held_out is not None))
+    _, found = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k + (held_out is not None))
     recall = fx.recall_at(fx.drop_self(found, held_out, k), truth, k)
     truth_of = "exact vectors" if exact else "decoded PQ codes (exact vectors are not stored: PQ loss not counted)"
     record = {"params": params, "recall": recall, "target": options.recall_target, "k": k,
               "reached": recall >= options.recall_target, "truth": truth_of, "retuned": False}
-    source = f"query vectors from {options.queries}" if queries_file is not None else "held-out caption vectors"
+    source = queries.source if queries is not None else "held-out caption vectors"
     if recall >= options.recall_target:
         logger.info("the parent's search parameters %s still reach recall@%d %.3f >= %.3f", params, k, recall,
                     options.recall_target)
-        return Tuning(params, recall, options.recall_target, k, True, source, len(queries),
+        return Tuning(params, recall, options.recall_target, k, True, source, len(query_vectors),
                       time.perf_counter() - started), record
     logger.warning("the parent's search parameters %s reach recall@%d %.3f < %.3f on the updated index; "
                    "re-tuning", params, k, recall, options.recall_target)
     record["retuned"] = True
-    return tune_index(index, vectors, spec, options, held_out=held_out, queries_file=queries_file), record
+    return tune_index(index, vectors, spec, options, held_out=held_out, queries=queries), record
 
 
 # --------------------------------------------------------------------------------------- publish
@@ -450,7 +452,8 @@ def add_captions(root: str | Path, captions: str | Path, checkpoint: Checkpoint,
     adding = time.perf_counter()
     how = grow(parent.index, vectors, spec)
     timings["add_s"] = time.perf_counter() - adding
-    tuning, recheck = recheck_tuning(parent.index, spec, options)
+    tuning, recheck = recheck_tuning(parent.index, spec, options,
+                                     tuning_queries(options, vectors.shape[1], checkpoint, spec))
     entry = {"input": [file_record(path) for path in source_files(captions)], "rows": read.rows_read,
              "added": len(fresh), "encoded": len(fresh), "already_indexed": skipped,
              "dropped_duplicate": read.dropped_duplicate, "dropped_empty": read.dropped_empty, "index_update": how}
@@ -498,7 +501,8 @@ def remove_captions(root: str | Path, ids_file: str | Path, *, checkpoint: Check
     spec = parent_spec(parent.manifest)
     kept_rows = np.setdiff1d(np.arange(len(old), dtype=np.int64), rows)
     timings = {"read_s": time.perf_counter() - started}
-    index, how, tuning, recheck = shrink(parent.index, rows, spec, options, timings)
+    queries = tuning_queries(options, int(parent.index.d), checkpoint, spec)
+    index, how, tuning, recheck = shrink(parent.index, rows, spec, options, timings, queries)
     entry = {"input": [file_record(ids_file)], "requested": len(ids), "removed": len(rows),
              "unknown": len(unknown), "unknown_first": unknown[:SHOWN_IDS], "encoded": 0, "index_update": how}
     info = version_checkpoint(parent.manifest, checkpoint)
@@ -511,18 +515,20 @@ def remove_captions(root: str | Path, ids_file: str | Path, *, checkpoint: Check
 
 
 def shrink(index: faiss.Index, rows: np.ndarray, spec: fx.IndexSpec, options: BuildOptions,
-           timings: dict[str, float]) -> tuple[faiss.Index, str, Tuning, dict[str, Any]]:
-    """The parent's index without ``rows`` (ids renumbered), how that was done, its tuning and re-check."""
+           timings: dict[str, float], queries: TuningQueries | None = None
+           ) -> tuple[faiss.Index, str, Tuning, dict[str, Any]]:
+    """The parent's index without ``rows`` (ids renumbered), how that was done, its tuning (with ``queries``)
+    and re-check."""
     started = time.perf_counter()
     if spec.type != "hnsw":
         how = remove_rows(index, rows)
         timings["remove_s"] = time.perf_counter() - started
-        return (index, how, *recheck_tuning(index, spec, options))
+        return (index, how, *recheck_tuning(index, spec, options, queries))
     how = "HNSW cannot remove vectors: rebuilt from the parent's stored vectors without them"
     vectors, _ = stored_vectors(index)
     kept = np.setdiff1d(np.arange(len(vectors), dtype=np.int64), rows)
     logger.warning("%s (%d of %d rows kept)", how, len(kept), len(vectors))
-    rebuilt, tuning, build_timings = build_and_tune(vectors[kept], spec, options)
+    rebuilt, tuning, build_timings = build_and_tune(vectors[kept], spec, options, queries=queries)
     timings.update({k: v for k, v in build_timings.items() if k != "tune_s"})
     return rebuilt, how, tuning, {"rebuilt": True, "retuned": True}
 

@@ -26,8 +26,14 @@ class BuildOptions(BaseModel):
                                  description="recall@k against exact search the approximate index is tuned to")
     recall_k: int = Field(10, ge=1, description="the k of the recall target")
     queries: Path | None = Field(
-        None, description=".npy of real query vectors (n, D) for tuning; default: held-out caption vectors")
-    tune_queries: int = Field(1000, ge=1, description="held-out caption vectors used for tuning")
+        None, description=".npy of real query vectors (n, D) for tuning; default: queries of held-out photos "
+        "(--tune-photos), else held-out caption vectors")
+    tune_queries: int = Field(1000, ge=1, description="tuning queries used at most (photo queries or held-out "
+                              "caption vectors)")
+    tune_photos: int = Field(
+        100, ge=0, description="held-out photos of the checkpoint's training data whose queries (in every "
+        "personality) tune an approximate index, where they are on this machine; 0 = tune with held-out caption "
+        "vectors")
     memory_budget: str | None = Field(
         None, description="memory budget for --type auto, e.g. 4G (default: half the RAM, at most 16G)")
     nlist: int | None = Field(None, ge=1, description="IVF lists (default about 4 sqrt(n))")
