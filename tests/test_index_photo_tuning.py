@@ -91,9 +91,9 @@ def test_tuning_queries_are_capped_and_tune_photos_zero_uses_caption_vectors(che
                               tune_queries=20, tune_photos=3)
     tuning = load_index(capped).manifest["index"]["tuning"]
     assert tuning["queries"] == f"15 queries of 3 held-out photos x {SLOTS} personalities"  # 3 x 5 <= 20
-    fewer = build_test_index(checkpoint, tmp_path / "fewer", captions(300), index_type="ivf", nlist=8,
-                             tune_queries=20)
-    assert load_index(fewer).manifest["index"]["tuning"]["n_queries"] == 20  # 12 photos x 5 slots, sampled
+    sampled = build_test_index(checkpoint, tmp_path / "sampled", captions(300), index_type="ivf", nlist=8,
+                               tune_queries=20)
+    assert load_index(sampled).manifest["index"]["tuning"]["n_queries"] == 20  # 12 photos x 5 slots, sampled
     captions_only = build_test_index(checkpoint, tmp_path / "captions", captions(300), index_type="ivf", nlist=8,
                                      tune_photos=0)
     assert load_index(captions_only).manifest["index"]["tuning"]["queries"] == "held-out caption vectors"
