@@ -72,14 +72,14 @@ def adapt(args: argparse.Namespace) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     groups = caption_groups(args.pool, args.exclude)
-    source = resolve_text_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModel.from_pretrained(source)
     steps_per_epoch = len(groups) // args.batch_size
     steps = args.epochs * steps_per_epoch
     if steps == 0:
         raise SystemExit(f"{len(groups)} photos with two or more captions make no batch of {args.batch_size}; "
                          "lower --batch-size or raise --epochs")
+    source = resolve_text_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     # Linear warm-up over the first 10% of steps, then linear decay to zero.
     schedule = torch.optim.lr_scheduler.LambdaLR(
