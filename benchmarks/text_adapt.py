@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,7 +55,9 @@ def caption_groups(pool: Path, exclude: list[str]) -> list[list[str]]:
 
     left_out: set[str] = set()
     for spec in exclude:
-        path, _, split = spec.rpartition(":")
+        path, colon, split = spec.rpartition(":")
+        if not (colon and path and split):
+            raise SystemExit(f"--exclude {spec!r}: give a dataset and its split as CSV:SPLIT, e.g. captions.csv:val")
         left_out |= {r.image_id for r in load_dataset(path, split=split, require_images=False).records}
     groups: dict[str, list[str]] = {}
     for record in load_dataset(pool, require_images=False).records:
@@ -105,8 +109,13 @@ def adapt(args: argparse.Namespace) -> None:
                 schedule.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update(1)
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    # Written beside OUT and renamed into place, so a crash never leaves a half-written model folder there.
+    staging = args.out.with_name(f".{args.out.name}.{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    os.replace(staging, args.out)
     logger.info("wrote %s (last batch loss %.3f)", args.out, loss.item())
 
 

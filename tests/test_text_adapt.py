@@ -61,6 +61,7 @@ def test_adaptation_draws_one_photos_captions_together(tmp_path):
          "--threads", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 photos left out" in done.stderr and "6 photos, 8 steps" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapted", "pool.csv", "val.csv"]  # no staging left
     before = _pair_margin(resolve_text_model("all-MiniLM-L6-v2"), photos[2:])
     after = _pair_margin(out, photos[2:])
     assert after > before + 0.15, (before, after)
@@ -74,3 +75,12 @@ def test_a_pool_too_small_for_one_batch_is_refused(tmp_path):
          "--out", str(tmp_path / "adapted")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "make no batch of 4" in done.stderr
     assert not (tmp_path / "adapted").exists()
+
+
+def test_an_exclude_without_its_split_is_refused(tmp_path):
+    pool = tmp_path / "pool.csv"
+    _write_pool(pool, [("p0.jpg", SCENES[0])])
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "text_adapt.py"), "--pool", str(pool), "--exclude", str(pool),
+         "--out", str(tmp_path / "adapted")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "give a dataset and its split as CSV:SPLIT" in done.stderr
