@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel], *, re
         elif annotation in (int, float, str, Path):
             kwargs["type"] = annotation
             kwargs["metavar"] = name.upper()
+        elif get_origin(annotation) is list:
+            kwargs["type"], kwargs["nargs"], kwargs["metavar"] = get_args(annotation)[0], "+", name.upper()
         parser.add_argument(_flag(name, renames), **kwargs)
 
 
@@ -99,6 +101,8 @@ def to_flags(options: BaseModel, *, renames: dict[str, str] | None = None, alway
             continue
         if value is True:
             flags.append(_flag(name, renames))
+        elif isinstance(value, list):
+            flags += [_flag(name, renames), *map(str, value)]
         elif value is not False:
             flags += [_flag(name, renames), str(value)]
     return flags
@@ -137,11 +141,16 @@ class EvalOptions(BaseModel):
                                   "config's decoding)")
     tta: ImageTTA | None = Field(None, description="test-time views averaged per photo: none (the centre crop) or "
                                  "flip (and its mirror); default: the checkpoint config's model.image.tta")
+    ensemble: list[Path] | None = Field(None, description="generate: more generator checkpoints (seeds of the same "
+                                        "config) decoded with --checkpoint as one, their next-word probabilities "
+                                        "averaged at every step")
 
     @model_validator(mode="after")
     def _index_needs_pool(self) -> EvalOptions:
         if self.index is not None and self.protocol != "pool":
             raise ValueError("--index only applies to the pool protocol (candidate lists are scored exactly)")
+        if self.ensemble and self.protocol != "generate":
+            raise ValueError("--ensemble applies to the generate protocol (it averages caption generators)")
         if self.tta is not None and self.protocol == "generate":
             raise ValueError("--tta applies to retrieval (the candidates and pool protocols): caption generators "
                              "read grid features, which are never averaged over views")

@@ -19,8 +19,9 @@ from transresnet.config import DecodingConfig
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
 from transresnet.evaluate import load_records
-from transresnet.generation.checkpoint import CaptionModel, load_generator
+from transresnet.generation.checkpoint import CaptionModel
 from transresnet.generation.data import Query, grid_features, group_queries
+from transresnet.generation.ensemble import load_ensemble
 from transresnet.generation.metrics import METRIC_KEYS, VoiceClassifier, caption_scores, vocabulary_usage
 from transresnet.options import EvalOptions
 from transresnet.runtime import utc_timestamp
@@ -83,7 +84,7 @@ def _training_records(model: CaptionModel) -> list[CaptionRecord]:
 def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
     """``transresnet eval --protocol generate``: caption every (image, trait) query of the split and score it."""
     started = time.perf_counter()
-    checkpoint = load_generator(options.checkpoint, device=resolve_device(options.device))
+    checkpoint = load_ensemble([options.checkpoint, *(options.ensemble or [])], device=resolve_device(options.device))
     model = checkpoint.model
     queries = group_queries(load_records(options))
     decoding = checkpoint.config.model.decoder.decoding
@@ -102,7 +103,8 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
     metrics = score_queries(queries, captions, training_captions=[r.caption for r in train],
                             voices=voice_classifier(train), meteor=shutil.which("java") is not None)
     report = {
-        "protocol": "generate", "checkpoint": str(options.checkpoint), "family": checkpoint.config.model.family,
+        "protocol": "generate", "checkpoint": str(options.checkpoint),
+        "ensemble": [str(p) for p in options.ensemble or []], "family": checkpoint.config.model.family,
         "cell": checkpoint.config.model.decoder.cell, "data": str(options.data), "split": options.split,
         "traits": options.traits, "decoding": decoding.model_dump(mode="json"), **metrics,
         "examples": [{"image": q.image_id, "trait": q.trait, "caption": c, "references": list(q.references[:3])}
@@ -127,7 +129,9 @@ def format_markdown(report: dict[str, Any]) -> str:
            if decoding["method"] == "beam" else decoding["method"])
     keys = [k for k in (*METRIC_KEYS, "meteor", "distinct_words", "novel_pct", "voice_accuracy")
             if report.get(k) is not None]
-    lines = [f"# {report['family']} ({report['cell']}) on {report['data']} split {report['split']}", "",
+    members = len(report.get("ensemble") or []) + 1
+    ensemble = f", an ensemble of {members} checkpoints" if members > 1 else ""
+    lines = [f"# {report['family']} ({report['cell']}{ensemble}) on {report['data']} split {report['split']}", "",
              f"{report['queries']} queries, traits {report['traits']}, {how}. Scores x 100 (CIDEr-D as "
              "pycocoevalcap's Cider, x 100).", "",
              "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),

@@ -144,14 +144,20 @@ class CaptionDecoder(nn.Module):
         raise NotImplementedError
 
     def forward(self, grid: torch.Tensor, trait_ids: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: logits (B, L, V) for the next token after each of ``inputs`` (B, L)."""
-        ctx = self.prepare(grid, trait_ids)
-        state = self.initial_state(ctx)
-        logits = []
-        for t in range(inputs.shape[1]):
-            out, state = self.step(inputs[:, t], state, ctx)
-            logits.append(out)
-        return torch.stack(logits, dim=1)
+        return teacher_forced(self, grid, trait_ids, inputs)
+
+
+def teacher_forced(decoder: nn.Module, grid: torch.Tensor, trait_ids: torch.Tensor,
+                   inputs: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through any decoder's three steps: logits (B, L, V) for the next token after each of
+    ``inputs`` (B, L)."""
+    ctx = decoder.prepare(grid, trait_ids)
+    state = decoder.initial_state(ctx)
+    logits = []
+    for t in range(inputs.shape[1]):
+        out, state = decoder.step(inputs[:, t], state, ctx)
+        logits.append(out)
+    return torch.stack(logits, dim=1)
 
 
 class ShowTell(CaptionDecoder):
