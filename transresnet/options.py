@@ -27,6 +27,8 @@ IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
 """Where a loaded caption index is searched: auto = the GPU(s) FAISS sees (sharded over several), else CPU."""
 Protocol = Literal["candidates", "candidates500", "pool", "generate"]
 TraitMode = Literal["given", "shuffled", "none"]
+ConsensusCandidates = Literal["generated", "hybrid"]
+"""What consensus re-ranking chooses from: the generator's beams, or the beams and the retrieved neighbours."""
 ImageTTA = Literal["none", "flip"]
 """Test-time views of a photo whose pooled backbone features are averaged: the centre crop alone, or the
 centre crop and its mirror image (``model.image.tta``, :func:`transresnet.features.pooled_features`)."""
@@ -144,11 +146,24 @@ class EvalOptions(BaseModel):
     ensemble: list[Path] | None = Field(None, description="generate: more generator checkpoints (seeds of the same "
                                         "config) decoded with --checkpoint as one, their next-word probabilities "
                                         "averaged at every step")
+    consensus: Path | None = Field(None, description="generate: a retrieval checkpoint whose nearest captions in "
+                                   "--consensus-pool re-rank the beams by CIDEr-D agreement (Devlin et al. 2015)")
+    consensus_pool: Path | None = Field(None, description="generate with --consensus: the caption pool (CSV) to find "
+                                        "neighbours in; captions of the evaluated photos are left out")
+    consensus_k: int = Field(10, ge=1, le=100, description="generate with --consensus: neighbour captions per photo")
+    consensus_candidates: ConsensusCandidates = Field("generated", description="generate with --consensus: rank "
+                                                      "the beams alone (generated) or the beams and the neighbours "
+                                                      "(hybrid)")
 
     @model_validator(mode="after")
     def _index_needs_pool(self) -> EvalOptions:
         if self.index is not None and self.protocol != "pool":
             raise ValueError("--index only applies to the pool protocol (candidate lists are scored exactly)")
+        if (self.consensus is None) != (self.consensus_pool is None):
+            raise ValueError("--consensus and --consensus-pool go together: a retrieval checkpoint and the caption "
+                             "pool it finds neighbours in")
+        if self.consensus is not None and self.protocol != "generate":
+            raise ValueError("--consensus applies to the generate protocol (it re-ranks generated captions)")
         if self.ensemble and self.protocol != "generate":
             raise ValueError("--ensemble applies to the generate protocol (it averages caption generators)")
         if self.tta is not None and self.protocol == "generate":

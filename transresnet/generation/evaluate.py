@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from transresnet.checkpoint import load_checkpoint
 from transresnet.config import DecodingConfig
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
-from transresnet.evaluate import load_records
+from transresnet.encode import encode_captions
+from transresnet.evaluate import image_features, load_records, query_vectors, trait_slots
 from transresnet.generation.checkpoint import CaptionModel
+from transresnet.generation.consensus import ConsensusRanker, load_consensus_pool, nearest_captions
 from transresnet.generation.data import Query, grid_features, group_queries
+from transresnet.generation.decoding import beam_search
 from transresnet.generation.ensemble import load_ensemble
 from transresnet.generation.metrics import METRIC_KEYS, VoiceClassifier, caption_scores, vocabulary_usage
 from transresnet.options import EvalOptions
@@ -42,6 +46,47 @@ def caption_rows(model: CaptionModel, features: torch.Tensor, rows: Sequence[int
         grid = features[torch.as_tensor(rows[start:start + batch_size])]
         out += model.generate(grid, slots[start:start + batch_size], options, generator=generator)
     return out
+
+
+def nbest_rows(model: CaptionModel, features: torch.Tensor, rows: Sequence[int], slots: Sequence[int],
+               options: DecodingConfig, *, batch_size: int = 100) -> list[list[str]]:
+    """Every finished beam (up to the beam size) per (feature row, trait slot), best first."""
+    out: list[list[str]] = []
+    for start in range(0, len(rows), batch_size):
+        grid = features[torch.as_tensor(rows[start:start + batch_size])].to(model.device)
+        traits = torch.as_tensor(list(slots[start:start + batch_size]), dtype=torch.long, device=model.device)
+        hyps = beam_search(model.decoder, grid, traits, options, n_best=options.beam_size)
+        out += [[model.vocab.decode(h.tokens) for h in row] for row in hyps]
+    return out
+
+
+def pool_neighbours(options: EvalOptions, queries: Sequence[Query], pool: Sequence[str]) -> list[list[str]]:
+    """Each query's ``consensus_k`` nearest pool captions under the ``--consensus`` retrieval checkpoint."""
+    retrieval = load_checkpoint(options.consensus, device=resolve_device(options.device))
+    paths = list(dict.fromkeys(q.image_path for q in queries))
+    row_of = {p: i for i, p in enumerate(paths)}
+    features = image_features(retrieval, paths, feature_cache=options.feature_cache, batch_size=options.batch_size)
+    slots = trait_slots(retrieval, [q.trait for q in queries], options.traits, options.seed)
+    vectors = query_vectors(retrieval, features[[row_of[q.image_path] for q in queries]], slots, options.batch_size)
+    texts = encode_captions(retrieval.model, pool, batch_size=options.batch_size, precision=options.precision)
+    return nearest_captions(vectors, texts, pool, options.consensus_k)
+
+
+def consensus_choices(options: EvalOptions, queries: Sequence[Query], records: Sequence[CaptionRecord],
+                      beams: Sequence[Sequence[str]]) -> tuple[list[str], dict[str, Any]]:
+    """The best-agreeing caption per query (:mod:`transresnet.generation.consensus`) and what was done."""
+    pool = load_consensus_pool(options.consensus_pool, records)
+    neighbours = pool_neighbours(options, queries, pool.captions)
+    ranker = ConsensusRanker(pool.captions)
+    hybrid = options.consensus_candidates == "hybrid"
+    choices = [ranker.rank(row, near, hybrid=hybrid)[0] for row, near in zip(beams, neighbours, strict=True)]
+    info = {"retrieval": str(options.consensus), "pool": str(options.consensus_pool), "k": options.consensus_k,
+            "candidates": options.consensus_candidates, "pool_captions": len(pool.captions),
+            "excluded": pool.excluded,
+            "retrieved_pct": 100.0 * sum(c.source == "retrieved" for c in choices) / len(choices),
+            "not_top_beam_pct": 100.0 * sum(c.caption != row[0] for c, row in zip(choices, beams, strict=True))
+            / len(choices)}
+    return [c.caption for c in choices], info
 
 
 def score_queries(queries: Sequence[Query], captions: Sequence[str], *, training_captions: Sequence[str] = (),
@@ -86,7 +131,8 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
     started = time.perf_counter()
     checkpoint = load_ensemble([options.checkpoint, *(options.ensemble or [])], device=resolve_device(options.device))
     model = checkpoint.model
-    queries = group_queries(load_records(options))
+    records = load_records(options)
+    queries = group_queries(records)
     decoding = checkpoint.config.model.decoder.decoding
     if options.beam_size is not None:
         decoding = decoding.model_copy(update={"method": "beam", "beam_size": options.beam_size})
@@ -96,8 +142,15 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
                              batch_size=min(options.batch_size, 64))
     slots = query_slots(model, queries, options.traits, options.seed)
     decode_start = time.perf_counter()
-    captions = caption_rows(model, features, [rows[q.image_path] for q in queries], slots, decoding,
-                            batch_size=options.batch_size, seed=options.seed)
+    query_rows = [rows[q.image_path] for q in queries]
+    consensus: dict[str, Any] | None = None
+    if options.consensus is None:
+        captions = caption_rows(model, features, query_rows, slots, decoding, batch_size=options.batch_size,
+                                seed=options.seed)
+    else:
+        decoding = decoding.model_copy(update={"method": "beam"})
+        beams = nbest_rows(model, features, query_rows, slots, decoding, batch_size=options.batch_size)
+        captions, consensus = consensus_choices(options, queries, records, beams)
     decode_s = time.perf_counter() - decode_start
     train = _training_records(model)
     metrics = score_queries(queries, captions, training_captions=[r.caption for r in train],
@@ -106,7 +159,7 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
         "protocol": "generate", "checkpoint": str(options.checkpoint),
         "ensemble": [str(p) for p in options.ensemble or []], "family": checkpoint.config.model.family,
         "cell": checkpoint.config.model.decoder.cell, "data": str(options.data), "split": options.split,
-        "traits": options.traits, "decoding": decoding.model_dump(mode="json"), **metrics,
+        "traits": options.traits, "decoding": decoding.model_dump(mode="json"), "consensus": consensus, **metrics,
         "examples": [{"image": q.image_id, "trait": q.trait, "caption": c, "references": list(q.references[:3])}
                      for q, c in list(zip(queries, captions, strict=True))[:EXAMPLES]],
         "seconds": {"decode_s": round(decode_s, 2), "total_s": round(time.perf_counter() - started, 2)},

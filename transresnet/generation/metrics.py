@@ -55,7 +55,7 @@ class CiderD:
     """
 
     def __init__(self, references: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0,
-                 end_token: str | None = None) -> None:
+                 end_token: str | None = None, *, keep_references: bool = True) -> None:
         from pycocoevalcap.cider.cider_scorer import precook
 
         self._precook, self.n, self.sigma, self.end_token = precook, n, sigma, end_token
@@ -63,8 +63,9 @@ class CiderD:
         self.document_frequency: Counter = Counter()
         for refs in cooked:
             self.document_frequency.update({gram for ref in refs for gram in ref})
-        self.log_ref_len = math.log(float(len(cooked)))
-        self.references = [[self._vector(ref) for ref in refs] for refs in cooked]
+        self.log_ref_len = math.log(float(max(1, len(cooked))))
+        # keep_references=False: the corpus only fixes document frequencies (score_against gives the references)
+        self.references = [[self._vector(ref) for ref in refs] for refs in cooked] if keep_references else []
 
     def _cook(self, caption: str) -> dict[tuple[str, ...], int]:
         words = normalize(caption) or EMPTY
@@ -99,6 +100,13 @@ class CiderD:
         hyp = self._vector(self._cook(caption))
         refs = self.references[item]
         return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
+
+    def score_against(self, caption: str, references: Sequence[str]) -> float:
+        """CIDEr-D of ``caption`` against ``references`` (any captions), on the corpus's document frequencies."""
+        if not references:
+            return 0.0
+        hyp = self._vector(self._cook(caption))
+        return 10.0 * sum(self._similarity(hyp, self._vector(self._cook(r))) for r in references) / len(references)
 
     def scores(self, captions: Sequence[str], items: Sequence[int]) -> list[float]:
         return [self.score(c, i) for c, i in zip(captions, items, strict=True)]
