@@ -102,5 +102,13 @@ def test_eval_reranks_beams_by_consensus_with_a_retrieval_checkpoint(synthetic_d
     train_captions = {r.caption for r in load_dataset(synthetic_dataset, split="train").records}
     retrieved = [e["caption"] for e in hybrid["examples"] if e["caption"] in train_captions]
     assert hybrid["consensus"]["retrieved_pct"] > 0 and retrieved
-    # Without --consensus-pool the options are refused before anything loads.
+    # Without --consensus-pool the options are refused before anything loads; a generator is no retrieval model.
     assert main([*base[:-4], "--out", str(tmp_path / "refused")]) != 0
+    from transresnet.checkpoint import CheckpointError
+    from transresnet.generation.evaluate import run_generate_eval
+    from transresnet.options import EvalOptions
+
+    flags = dict(checkpoint=generator, data=synthetic_dataset, split="val", protocol="generate", consensus=generator,
+                 consensus_pool=synthetic_dataset)
+    with pytest.raises(CheckpointError, match="is a caption generator: --consensus takes a retrieval checkpoint"):
+        run_generate_eval(EvalOptions(**flags))

@@ -93,7 +93,7 @@ def _train(tree: dict, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_eval_decodes_an_ensemble_of_seeds_and_refuses_a_mismatched_member(synthetic_dataset: Path,
+def test_eval_decodes_an_ensemble_of_seeds_and_refuses_a_mismatched_member(synthetic_dataset: Path, plain_checkpoint,
                                                                           tmp_path: Path) -> None:
     from transresnet.cli import main
 
@@ -125,6 +125,8 @@ def test_eval_decodes_an_ensemble_of_seeds_and_refuses_a_mismatched_member(synth
     other_vocab = _train(tree(0, level="char"), tmp_path / "other")
     with pytest.raises(CheckpointError, match="different caption vocabulary"):
         load_ensemble([seeds[0], other_vocab])
+    with pytest.raises(CheckpointError, match="is a retrieval checkpoint, not a caption generator"):
+        load_ensemble([seeds[0], plain_checkpoint.path])
     assert main(["eval", "--checkpoint", str(seeds[0]), "--ensemble", str(other_vocab), "--data",
                  str(synthetic_dataset), "--split", "val", "--protocol", "generate", "--out",
                  str(tmp_path / "refused")]) != 0

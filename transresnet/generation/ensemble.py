@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from transresnet.checkpoint import CheckpointError
-from transresnet.generation.checkpoint import GeneratorCheckpoint, load_generator
+from transresnet.generation.checkpoint import GeneratorCheckpoint, is_generator_checkpoint, load_generator
 from transresnet.generation.models import CaptionDecoder, Context, State, teacher_forced
 
 
@@ -91,6 +91,10 @@ def _mismatch(first: GeneratorCheckpoint, other: GeneratorCheckpoint) -> str | N
 def load_ensemble(paths: Sequence[str | Path], *, device: str | torch.device = "cpu") -> GeneratorCheckpoint:
     """One generator checkpoint, or several whose decoders are averaged (the first's backbone, vocabulary,
     traits and decoding settings serve them all)."""
+    for path in paths:
+        if (Path(path) / "meta.json").is_file() and not is_generator_checkpoint(path):
+            raise CheckpointError(f"{path} is a retrieval checkpoint, not a caption generator: an ensemble takes "
+                                  "generator checkpoints (a showtell, showatttell or updown run's best/)")
     checkpoints = [load_generator(p, device=device) for p in paths]
     first = checkpoints[0]
     if len(checkpoints) == 1:

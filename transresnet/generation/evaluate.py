@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from transresnet.checkpoint import load_checkpoint
+from transresnet.checkpoint import CheckpointError, load_checkpoint
 from transresnet.config import DecodingConfig
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
 from transresnet.encode import encode_captions
 from transresnet.evaluate import image_features, load_records, query_vectors, trait_slots
-from transresnet.generation.checkpoint import CaptionModel
+from transresnet.generation.checkpoint import CaptionModel, is_generator_checkpoint
 from transresnet.generation.consensus import ConsensusRanker, load_consensus_pool, nearest_captions
 from transresnet.generation.data import Query, grid_features, group_queries
 from transresnet.generation.decoding import beam_search
@@ -129,6 +129,9 @@ def _training_records(model: CaptionModel) -> list[CaptionRecord]:
 def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
     """``transresnet eval --protocol generate``: caption every (image, trait) query of the split and score it."""
     started = time.perf_counter()
+    if options.consensus is not None and is_generator_checkpoint(options.consensus):  # said before any decoding
+        raise CheckpointError(f"{options.consensus} is a caption generator: --consensus takes a retrieval checkpoint "
+                              "(a TransResNet run's best/, e.g. runs/flickr8k/best)")
     checkpoint = load_ensemble([options.checkpoint, *(options.ensemble or [])], device=resolve_device(options.device))
     model = checkpoint.model
     records = load_records(options)
