@@ -78,12 +78,13 @@ class ConsensusRanker:
     def rank(self, generated: Sequence[str], neighbours: Sequence[str], *, hybrid: bool = False) -> list[Choice]:
         """The candidates (``generated``, plus the neighbours when ``hybrid``) best-agreeing first; ties keep
         the given order (beam order, then retrieval order)."""
+        witnesses = [(normalize(n), self.cider.vector(n)) for n in neighbours]  # each neighbour vectorised once
         seen: dict[str, Choice] = {}
         pairs = [(c, "generated") for c in generated] + ([(c, "retrieved") for c in neighbours] if hybrid else [])
         for caption, source in pairs:
             key = normalize(caption)
             if key in seen:
                 continue
-            others = [n for n in neighbours if normalize(n) != key]
-            seen[key] = Choice(caption, 100.0 * self.cider.score_against(caption, others), source)
+            others = [vector for text, vector in witnesses if text != key]
+            seen[key] = Choice(caption, 100.0 * self.cider.score_vectors(self.cider.vector(caption), others), source)
         return sorted(seen.values(), key=lambda c: c.consensus, reverse=True)

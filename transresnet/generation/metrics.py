@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 EMPTY = "<empty>"
 """Stands in for an empty caption (ROUGE-L divides by the caption's length); it matches no reference word."""
 METRIC_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d")
+CiderVector = tuple[list[dict], list[float], int]
+"""tf-idf weights per n-gram order, their norms, and the length in words."""
 
 
 def _scorers():
@@ -71,7 +73,7 @@ class CiderD:
         words = normalize(caption) or EMPTY
         return self._precook(f"{words} {self.end_token}" if self.end_token else words, self.n)
 
-    def _vector(self, counts: Mapping[tuple[str, ...], int]) -> tuple[list[dict], list[float], int]:
+    def _vector(self, counts: Mapping[tuple[str, ...], int]) -> CiderVector:
         """tf-idf weights per n-gram order, their norms, and the length in words."""
         vec: list[dict] = [{} for _ in range(self.n)]
         norm = [0.0] * self.n
@@ -83,7 +85,7 @@ class CiderD:
         length = sum(tf for gram, tf in counts.items() if len(gram) == 1)
         return vec, [math.sqrt(x) for x in norm], length
 
-    def _similarity(self, hyp: tuple[list[dict], list[float], int], ref: tuple[list[dict], list[float], int]) -> float:
+    def _similarity(self, hyp: CiderVector, ref: CiderVector) -> float:
         (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
         penalty = math.exp(-((len_h - len_r) ** 2) / (2 * self.sigma ** 2))
         total = 0.0
@@ -101,12 +103,19 @@ class CiderD:
         refs = self.references[item]
         return 10.0 * sum(self._similarity(hyp, ref) for ref in refs) / len(refs)
 
-    def score_against(self, caption: str, references: Sequence[str]) -> float:
-        """CIDEr-D of ``caption`` against ``references`` (any captions), on the corpus's document frequencies."""
+    def vector(self, caption: str) -> CiderVector:
+        """A caption's tf-idf vector on the corpus's document frequencies (for :meth:`score_vectors`)."""
+        return self._vector(self._cook(caption))
+
+    def score_vectors(self, hyp: CiderVector, references: Sequence[CiderVector]) -> float:
+        """CIDEr-D of a caption's vector against reference vectors; 0 without references."""
         if not references:
             return 0.0
-        hyp = self._vector(self._cook(caption))
-        return 10.0 * sum(self._similarity(hyp, self._vector(self._cook(r))) for r in references) / len(references)
+        return 10.0 * sum(self._similarity(hyp, ref) for ref in references) / len(references)
+
+    def score_against(self, caption: str, references: Sequence[str]) -> float:
+        """CIDEr-D of ``caption`` against ``references`` (any captions), on the corpus's document frequencies."""
+        return self.score_vectors(self.vector(caption), [self.vector(r) for r in references])
 
     def scores(self, captions: Sequence[str], items: Sequence[int]) -> list[float]:
         return [self.score(c, i) for c, i in zip(captions, items, strict=True)]
