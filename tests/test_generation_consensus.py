@@ -112,3 +112,7 @@ def test_eval_reranks_beams_by_consensus_with_a_retrieval_checkpoint(synthetic_d
                  consensus_pool=synthetic_dataset)
     with pytest.raises(CheckpointError, match="is a caption generator: --consensus takes a retrieval checkpoint"):
         run_generate_eval(EvalOptions(**flags))
+    with pytest.raises(FileNotFoundError, match="--consensus-pool .* not found"):
+        run_generate_eval(EvalOptions(**{**flags, "consensus_pool": tmp_path / "missing.csv"}))
+    with pytest.raises(CheckpointError, match="--consensus .* not found"):
+        run_generate_eval(EvalOptions(**{**flags, "consensus": tmp_path / "missing"}))

@@ -72,6 +72,21 @@ def pool_neighbours(options: EvalOptions, queries: Sequence[Query], pool: Sequen
     return nearest_captions(vectors, texts, pool, options.consensus_k)
 
 
+def check_consensus_inputs(options: EvalOptions) -> None:
+    """The --consensus checkpoint and pool exist and the checkpoint is a retrieval one: said before any decoding."""
+    if options.consensus is None or options.consensus_pool is None:
+        return
+    if not options.consensus_pool.is_file():
+        raise FileNotFoundError(f"--consensus-pool {options.consensus_pool} not found: give a caption CSV such as "
+                                "../shared/data/flickr8k-captions/captions.csv")
+    if not options.consensus.is_dir():
+        raise CheckpointError(f"--consensus {options.consensus} not found: give a retrieval run's best/ "
+                              "(e.g. runs/flickr8k/best)")
+    if is_generator_checkpoint(options.consensus):
+        raise CheckpointError(f"{options.consensus} is a caption generator: --consensus takes a retrieval checkpoint "
+                              "(a TransResNet run's best/, e.g. runs/flickr8k/best)")
+
+
 def consensus_choices(options: EvalOptions, queries: Sequence[Query], records: Sequence[CaptionRecord],
                       beams: Sequence[Sequence[str]]) -> tuple[list[str], dict[str, Any]]:
     """The best-agreeing caption per query (:mod:`transresnet.generation.consensus`) and what was done."""
@@ -129,9 +144,7 @@ def _training_records(model: CaptionModel) -> list[CaptionRecord]:
 def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
     """``transresnet eval --protocol generate``: caption every (image, trait) query of the split and score it."""
     started = time.perf_counter()
-    if options.consensus is not None and is_generator_checkpoint(options.consensus):  # said before any decoding
-        raise CheckpointError(f"{options.consensus} is a caption generator: --consensus takes a retrieval checkpoint "
-                              "(a TransResNet run's best/, e.g. runs/flickr8k/best)")
+    check_consensus_inputs(options)
     checkpoint = load_ensemble([options.checkpoint, *(options.ensemble or [])], device=resolve_device(options.device))
     model = checkpoint.model
     records = load_records(options)
