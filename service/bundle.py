@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from transresnet.index import CaptionIndex
 
     from transresnet.checkpoint import Checkpoint
+    from transresnet.generation.consensus import ConsensusRanker
     from transresnet.images import ImagePreprocessor
     from transresnet.traits import TraitVocab
 
@@ -92,6 +94,19 @@ class Bundle:
         """The image runtime serving (chosen precision, why, per-candidate cosine and time)."""
         report = getattr(self.checkpoint.model.backbone, "report", None)
         return report.to_dict() if report is not None else {"chosen": "float32", "requested": "float32"}
+
+    @cached_property
+    def consensus(self) -> ConsensusRanker:
+        """CIDEr-D agreement scorer on the document frequencies of this index's captions (consensus
+        re-ranking). Built once per loaded index, at load time when a generator is served (``Resources``),
+        so no request waits for it."""
+        from transresnet.generation.consensus import ConsensusRanker
+
+        start = time.perf_counter()
+        ranker = ConsensusRanker(self.index.caption_texts())
+        logger.info("consensus document frequencies over %d captions of index %s in %.1fs", len(self.index),
+                    self.index.version, time.perf_counter() - start)
+        return ranker
 
     @property
     def min_side(self) -> int:

@@ -25,6 +25,7 @@ from .bundle import Bundle
 
 if TYPE_CHECKING:
     from transresnet.generation.checkpoint import GeneratorCheckpoint
+    from transresnet.generation.consensus import ConsensusRanker
     from transresnet.images import ImagePreprocessor
     from transresnet.traits import TraitVocab
 
@@ -216,10 +217,19 @@ def generated_candidates(beams: Sequence[Generated], k: int) -> list[Candidate]:
             for rank, beam in enumerate(beams[:k], start=1)]
 
 
+def consensus_scores(ranker: ConsensusRanker, rows: Sequence[tuple[Sequence[str], Sequence[str], Sequence[str]]]
+                     ) -> list[np.ndarray]:
+    """Per personality (retrieved candidates, generated candidates, neighbours): every candidate's CIDEr-D
+    agreement with the neighbours, the retrieved ones first, as :func:`hybrid_candidates` takes them. Blocking."""
+    return [np.asarray(ranker.scores([*retrieved, *generated], neighbours), np.float32)
+            for retrieved, generated, neighbours in rows]
+
+
 def hybrid_candidates(hits: Sequence[Any], beams: Sequence[Generated], scores: np.ndarray, k: int) -> list[Candidate]:
-    """Mode ``hybrid``: the retrieved hits and the generated beams, all scored by the retrieval model
-    (``scores``: the hits' texts first, then the beams'), best ``k``. A beam that repeats a retrieved
-    caption (same text key) is one candidate, marked ``both``."""
+    """Mode ``hybrid`` (and ``generate`` with consensus, without hits): the retrieved hits and the generated
+    beams, all scored by one judge, the retrieval model or consensus (``scores``: the hits' texts first, then
+    the beams'), best ``k``. A beam that repeats a retrieved caption (same text key) is one candidate, marked
+    ``both``."""
     from transresnet.keys import text_key
 
     candidates: dict[str, Candidate] = {}

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _ENVELOPE = 64 * 1024  # room for form fields, multipart boundaries and JSON keys around the image
 _HOW = ("send multipart/form-data with a file field 'image' and fields 'personality' (repeatable), 'k' and "
-        "optionally 'mode', 'beam_size', 'max_length', or application/json with image_base64, personality, k "
-        "and the same options")
+        "optionally 'mode', 'beam_size', 'max_length', 'consensus', or application/json with image_base64, "
+        "personality, k and the same options")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class CaptionsInput:
     mode: Mode = "retrieve"
     beam_size: int | None = None
     max_length: int | None = None
+    consensus: bool = False
 
 
 def body_limit(settings: ServiceSettings) -> int:
@@ -116,7 +117,7 @@ async def _read_upload(images: list[Any], settings: ServiceSettings) -> bytes:
 def _form_fields(form: FormData) -> dict[str, Any]:
     personalities = form.getlist("personality")
     fields: dict[str, Any] = {"personality": personalities or None}  # none: the router decides (model's traits)
-    for name in ("k", "mode", "beam_size", "max_length"):
+    for name in ("k", "mode", "beam_size", "max_length", "consensus"):
         if name in form:
             fields[name] = form[name]
     return fields
@@ -133,7 +134,7 @@ async def _from_form(request: Request, settings: ServiceSettings) -> CaptionsInp
     finally:
         await form.close()
     return CaptionsInput(Upload(image), query.personality or [], query.k, query.mode, query.beam_size,
-                         query.max_length)
+                         query.max_length, query.consensus)
 
 
 async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInput:
@@ -145,4 +146,4 @@ async def _from_json(request: Request, settings: ServiceSettings) -> CaptionsInp
     del body
     image = decode_base64(payload.image_base64, settings.max_upload_bytes)
     return CaptionsInput(Upload(image), payload.personality or [], payload.k, payload.mode, payload.beam_size,
-                         payload.max_length)
+                         payload.max_length, payload.consensus)

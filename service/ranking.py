@@ -34,6 +34,7 @@ from .generating import (
     Generation,
     Generator,
     RescoreJob,
+    consensus_scores,
     generate_jobs,
     generated_candidates,
     hybrid_candidates,
@@ -89,6 +90,8 @@ class CaptionPlan:
     generator_traits: tuple[int, ...] = ()
     """The generator's slots for the same personalities (generate and hybrid)."""
     decoding: DecodingConfig | None = None
+    consensus_k: int | None = None
+    """Consensus re-ranking against this many nearest index captions (generate and hybrid); None = off."""
 
 
 @dataclass
@@ -375,10 +378,41 @@ class Ranker:
         self.metrics.observe_stages(timings)
         return Ranking(hits, timings, sizes["encode"], sizes["search"])
 
+    async def _consensus(self, plan: CaptionPlan, hits: list[list[Any]], generation: Generation,
+                         timings: dict[str, float]) -> list[np.ndarray]:
+        """Each candidate's agreement with its personality's ``consensus_k`` nearest captions (the first hits),
+        off the event loop; candidates are the hits (hybrid only) and then the beams, as hybrid_candidates
+        takes them."""
+        assert plan.consensus_k is not None
+        hybrid = plan.mode == "hybrid"
+        rows = [([h.caption for h in row] if hybrid else [], [b.caption for b in beams],
+                 [h.caption for h in row[:plan.consensus_k]])
+                for row, beams in zip(hits, generation.beams, strict=True)]
+        start = time.perf_counter()
+        try:
+            return await self._stage("consensus", asyncio.to_thread(consensus_scores, plan.bundle.consensus, rows))
+        finally:
+            timings["consensus"] = time.perf_counter() - start
+
+    async def _retrieve_and_generate(self, plan: CaptionPlan, upload: Upload, timings: dict[str, float],
+                                     sizes: dict[str, int]) -> tuple[list[list[Any]], np.ndarray, Generation]:
+        """Decode once for both models, then retrieval and beam search side by side. Retrieval fetches the
+        hybrid's k and the consensus neighbours, whichever is more."""
+        assert plan.generator is not None and plan.decoding is not None
+        retrieval_pixels, generator_pixels = await self._pixels(
+            upload, [plan.bundle.preprocessor, plan.generator.preprocessor], timings)
+        wanted = max(plan.k if plan.mode == "hybrid" else 0, plan.consensus_k or 0)
+        (hits, queries), generation = await both(
+            self._retrieve(plan.bundle, retrieval_pixels, plan.trait_ids, min(wanted, len(plan.bundle.index)),
+                           timings, sizes),
+            self._generate(plan, generator_pixels, plan.decoding.beam_size, timings, sizes))
+        return hits, queries, generation
+
     async def caption(self, plan: CaptionPlan, upload: Upload) -> Captioning:
         """The request path of ``plan.mode``: retrieve (decode, encode, search), generate (decode, beam
         search) or hybrid (decode once; retrieval and beam search side by side; every candidate re-scored
-        by the retrieval model)."""
+        by the retrieval model). With ``plan.consensus_k``, generate and hybrid rank their candidates by
+        agreement with the photo's nearest index captions instead."""
         if plan.mode == "retrieve":
             ranking = await self.rank(plan.bundle, upload, plan.trait_ids, plan.k)
             candidates = [[Candidate(str(h.id), h.caption, float(h.score), "retrieved", dict(h.metadata or {}))
@@ -389,20 +423,20 @@ class Ranker:
         start = time.perf_counter()
         timings: dict[str, float] = {}
         sizes: dict[str, int] = {}
-        if plan.mode == "generate":
+        if plan.mode == "generate" and plan.consensus_k is None:
             (pixels,) = await self._pixels(upload, [plan.generator.preprocessor], timings)
             generation = await self._generate(plan, pixels, min(plan.k, plan.decoding.beam_size), timings, sizes)
             candidates = [generated_candidates(beams, plan.k) for beams in generation.beams]
         else:
-            retrieval_pixels, generator_pixels = await self._pixels(
-                upload, [plan.bundle.preprocessor, plan.generator.preprocessor], timings)
-            (hits, queries), generation = await both(
-                self._retrieve(plan.bundle, retrieval_pixels, plan.trait_ids, min(plan.k, len(plan.bundle.index)),
-                               timings, sizes),
-                self._generate(plan, generator_pixels, plan.decoding.beam_size, timings, sizes))
-            texts = [tuple(h.caption for h in row) + tuple(b.caption for b in beams)
-                     for row, beams in zip(hits, generation.beams, strict=True)]
-            scores = await self._rescore(plan.bundle, queries, texts, timings, sizes)
+            hits, queries, generation = await self._retrieve_and_generate(plan, upload, timings, sizes)
+            if plan.consensus_k is None:
+                texts = [tuple(h.caption for h in row) + tuple(b.caption for b in beams)
+                         for row, beams in zip(hits, generation.beams, strict=True)]
+                scores = await self._rescore(plan.bundle, queries, texts, timings, sizes)
+            else:
+                scores = await self._consensus(plan, hits, generation, timings)
+                if plan.mode == "generate":  # the neighbours only judge; they are not candidates
+                    hits = [[] for _ in hits]
             candidates = [hybrid_candidates(row, beams, row_scores, plan.k)
                           for row, beams, row_scores in zip(hits, generation.beams, scores, strict=True)]
         timings["total"] = time.perf_counter() - start

@@ -57,6 +57,9 @@ class ServiceSettings(BaseSettings):
     """Largest beam a request may ask for (decode cost grows with it)."""
     max_generate_length: int = Field(30, ge=1, le=100)
     """Most words a request may ask a generated caption to have."""
+    consensus_k: int = Field(10, ge=1, le=100)
+    """Nearest index captions each candidate is compared with when a request asks for consensus re-ranking
+    (Devlin et al. 2015; 10 is what docs/results.md measured)."""
     max_generate_batch: int = Field(8, ge=1)
     """Most photos decoded together by beam search (each with all its personalities and beams)."""
 

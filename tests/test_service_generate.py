@@ -137,6 +137,58 @@ def test_hybrid_with_k_over_the_index_size_returns_every_candidate(client) -> No
     assert scores == sorted(scores, reverse=True)
 
 
+def consensus_reference(client, data: bytes, trait: str, k: int, *, hybrid: bool):
+    """What consensus re-ranking must answer, from the service's own retrieve and generate answers: the
+    candidates scored by CIDEr-D against the top consensus_k retrieved captions, on the index's document
+    frequencies (transresnet.generation.consensus, as the evaluator uses it)."""
+    from transresnet.generation.consensus import ConsensusRanker
+
+    resources = client.app.state.resources
+    neighbours_k = resources.settings.consensus_k
+    beam = resources.generator.default_decoding.beam_size
+    retrieved = post(client, data, [trait], k=max(k, neighbours_k)).json()["results"][0]["captions"]
+    beams = post(client, data, [trait], k=beam, mode="generate").json()["results"][0]["captions"]
+    neighbours = [c["caption"] for c in retrieved[:neighbours_k]]
+    pool: dict[str, str] = {c["caption"]: "retrieved" for c in retrieved} if hybrid else {}
+    for c in beams:
+        pool[c["caption"]] = "both" if c["caption"] in pool else "generated"
+    texts = list(pool)
+    ranker = ConsensusRanker(resources.bundle.index.caption_texts())
+    scores = ranker.scores(texts, neighbours)
+    ranked = sorted(zip(texts, scores, strict=True), key=lambda pair: pair[1], reverse=True)[:k]
+    return [(text, score, pool[text]) for text, score in ranked]
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "generate"])
+def test_consensus_ranks_candidates_by_agreement_with_the_photos_nearest_captions(client, mode: str) -> None:
+    data = image_bytes(seed=14)
+    k = 4
+    body = post(client, data, ["Sweet"], k=k, mode=mode, consensus="true").json()
+    assert body["mode"] == mode and body["consensus_k"] == client.app.state.resources.settings.consensus_k
+    got = body["results"][0]["captions"]
+    expected = consensus_reference(client, data, "Sweet", k, hybrid=mode == "hybrid")
+    assert [(c["caption"], c["source"]) for c in got] == [(t, source) for t, _, source in expected]
+    np.testing.assert_allclose([c["score"] for c in got], [s for _, s, _ in expected], rtol=1e-5, atol=1e-4)
+    assert got[0]["score"] > 0  # the voiced captions share words with their neighbours
+    timings = body["timings"]
+    assert timings["consensus_ms"] > 0 and timings["search_ms"] > 0 and "rescore_ms" not in timings
+    if mode == "generate":
+        assert {c["source"] for c in got} == {"generated"}
+    without = post(client, data, ["Sweet"], k=k, mode=mode).json()
+    assert "consensus_k" not in without and "consensus_ms" not in without["timings"]
+
+
+def test_consensus_is_refused_in_retrieve_mode_and_said_why(client) -> None:
+    response = post(client, image_bytes(seed=15), ["Sweet"], k=2, consensus="true")
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["problems"][0]["field"] == "consensus" and "'generate' or 'hybrid'" in body["message"]
+    as_json = client.post("/v1/captions", json={"image_base64": base64.b64encode(image_bytes(seed=15)).decode(),
+                                                "personality": ["Sweet"], "k": 2, "mode": "hybrid",
+                                                "consensus": True})
+    assert as_json.status_code == 200 and as_json.json()["consensus_k"] >= 1
+
+
 def test_batched_generation_equals_one_by_one(generator_path: Path) -> None:
     from transresnet.service.generating import GenerateJob, generate_jobs, load_generator_bundle
 

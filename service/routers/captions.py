@@ -21,6 +21,7 @@ from ..imaging import supported_formats
 from ..parsing import CaptionsInput, parse_captions_request
 from ..ranking import Captioning, CaptionPlan
 from ..schemas import (
+    CONSENSUS_DESCRIPTION,
     MODE_DESCRIPTION,
     CaptionHit,
     CaptionsJSONRequest,
@@ -62,6 +63,7 @@ _FORM_SCHEMA = {
         "max_length": {"type": "integer", "minimum": 1, "maximum": 100,
                        "description": "Most words per generated caption (at most the server's "
                                       "max_generate_length)"},
+        "consensus": {"type": "boolean", "default": False, "description": CONSENSUS_DESCRIPTION},
     },
 }
 
@@ -180,6 +182,10 @@ def plan_request(resources: Any, query: CaptionsInput) -> tuple[list[str], Capti
     slots = tuple(resolve_personalities(bundle, names, settings.max_personalities))
     k = min(query.k, len(bundle.index))
     if query.mode == "retrieve":
+        if query.consensus:
+            how = "consensus re-ranks generated captions: use mode 'generate' or 'hybrid', or leave consensus out"
+            raise InvalidRequest(f"consensus with mode 'retrieve': {how}",
+                                 problems=[{"field": "consensus", "message": how}])
         return names, CaptionPlan("retrieve", bundle, slots, k)
     generator = resources.generator
     if generator is None:
@@ -188,12 +194,13 @@ def plan_request(resources: Any, query: CaptionsInput) -> tuple[list[str], Capti
         raise GeneratorUnavailable(f"mode {query.mode!r} needs a caption generator; {how}",
                                    problems=[{"field": "mode", "message": how}])
     _check_limit(query.beam_size, settings.max_beam_size, "beam_size", "max_beam_size")
+    consensus_k = min(settings.consensus_k, len(bundle.index)) if query.consensus else None
     _check_limit(query.max_length, settings.max_generate_length, "max_length", "max_generate_length")
     decoding = generator.decoding(query.beam_size or min(generator.default_decoding.beam_size, settings.max_beam_size),
                                   query.max_length or min(generator.default_decoding.max_length,
                                                           settings.max_generate_length))
     plan = CaptionPlan(query.mode, bundle, slots, query.k, generator, tuple(generator_slots(generator, names)),
-                       decoding)
+                       decoding, consensus_k)
     return names, plan
 
 
@@ -212,7 +219,7 @@ def build_response(plan: CaptionPlan, names: Sequence[str], k: int, captioning: 
     generator = GeneratorInfo(**plan.generator.info) if plan.generator is not None else None
     return CaptionsResponse(
         results=results, k=k, mode=plan.mode, model=ModelInfo(**bundle.model_info),  # type: ignore[arg-type]
-        index=IndexInfo(**bundle.index_info), generator=generator,
+        index=IndexInfo(**bundle.index_info), generator=generator, consensus_k=plan.consensus_k,
         timings=Timings(**ms, **sizes, decode_steps=captioning.decode_steps))
 
 
@@ -226,7 +233,8 @@ def build_response(plan: CaptionPlan, names: Sequence[str], k: int, captioning: 
     description="Send a photo and personalities as multipart/form-data (`image`, `personality` repeated, `k`) "
                 "or as JSON (`image_base64`, `personality`, `k`). The image is encoded once for all "
                 f"personalities. Accepted image formats: {_FORMATS_TEXT}. `mode`: {MODE_DESCRIPTION}; "
-                "`beam_size` and `max_length` tune the beam search. Beyond the server's limit of "
+                "`beam_size` and `max_length` tune the beam search; `consensus` re-ranks by agreement with the "
+                "photo's nearest index captions. Beyond the server's limit of "
                 "requests in flight the answer is 503 with Retry-After, at once.",
 )
 async def rank_captions(request: Request, resources: ResourcesDep) -> CaptionsResponse:

@@ -22,7 +22,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
         "follow_index": args.follow_index, "index_placement": args.index_placement,
         "image_precision": args.image_precision,
-        "generator": args.generator, "max_beam_size": args.max_beam_size,
+        "generator": args.generator, "max_beam_size": args.max_beam_size, "consensus_k": args.consensus_k,
     }
     if args.no_batching:
         values["batching"] = False
@@ -170,6 +170,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="a caption-generator checkpoint (e.g. runs/flickr8k_updown/best) served beside "
                             "retrieval: POST /v1/captions mode=generate or mode=hybrid")
     serve.add_argument("--max-beam-size", type=int, help="largest beam a request may ask for (default 8)")
+    serve.add_argument("--consensus-k", type=int,
+                       help="nearest index captions a candidate is compared with when a request asks for "
+                            "consensus re-ranking (default 10)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn and service log level (default info)")
     serve.set_defaults(func=_serve)

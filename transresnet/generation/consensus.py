@@ -75,16 +75,26 @@ class ConsensusRanker:
     def __init__(self, pool: Sequence[str]) -> None:
         self.cider = CiderD([[c] for c in pool], keep_references=False)
 
+    def scores(self, candidates: Sequence[str], neighbours: Sequence[str]) -> list[float]:
+        """CIDEr-D (x 100) of each candidate against the neighbours; a candidate is never compared with a
+        neighbour of the same text (a retrieved caption would otherwise vouch for itself)."""
+        witnesses = [(normalize(n), self.cider.vector(n)) for n in neighbours]  # each neighbour vectorised once
+        done: dict[str, float] = {}
+        for caption in candidates:
+            key = normalize(caption)
+            if key not in done:
+                others = [vector for text, vector in witnesses if text != key]
+                done[key] = 100.0 * self.cider.score_vectors(self.cider.vector(caption), others)
+        return [done[normalize(caption)] for caption in candidates]
+
     def rank(self, generated: Sequence[str], neighbours: Sequence[str], *, hybrid: bool = False) -> list[Choice]:
         """The candidates (``generated``, plus the neighbours when ``hybrid``) best-agreeing first; ties keep
         the given order (beam order, then retrieval order)."""
-        witnesses = [(normalize(n), self.cider.vector(n)) for n in neighbours]  # each neighbour vectorised once
-        seen: dict[str, Choice] = {}
         pairs = [(c, "generated") for c in generated] + ([(c, "retrieved") for c in neighbours] if hybrid else [])
+        firsts: dict[str, tuple[str, str]] = {}
         for caption, source in pairs:
-            key = normalize(caption)
-            if key in seen:
-                continue
-            others = [vector for text, vector in witnesses if text != key]
-            seen[key] = Choice(caption, 100.0 * self.cider.score_vectors(self.cider.vector(caption), others), source)
-        return sorted(seen.values(), key=lambda c: c.consensus, reverse=True)
+            firsts.setdefault(normalize(caption), (caption, source))
+        kept = list(firsts.values())
+        scores = self.scores([caption for caption, _ in kept], neighbours)
+        choices = [Choice(caption, score, source) for (caption, source), score in zip(kept, scores, strict=True)]
+        return sorted(choices, key=lambda c: c.consensus, reverse=True)
