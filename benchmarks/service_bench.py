@@ -6,7 +6,8 @@ service's thread settings), median per stage. Then starts `transresnet serve` as
 port (once with micro-batching, once without), sends the same JPEGs at several concurrency levels for a fixed
 number of requests each, and prints a side-by-side table with the p50 at concurrency 1 as a ratio of the
 floor; the full numbers go to a JSON file. With ``--generator``, a third server (batched, serving the
-generator beside retrieval) is measured in each of ``--modes`` (retrieve, generate, hybrid) side by side.
+generator beside retrieval) is measured in each of ``--modes`` (retrieve, generate, hybrid, and the last two
+with consensus re-ranking) side by side.
 
     python benchmarks/service_bench.py --checkpoint runs/flickr8k/best --index runs/flickr8k-index \
         --images ../shared/data/flickr8k-1k/images --requests 300 --out runs/bench/service_bench.json
@@ -153,7 +154,9 @@ def load_bodies(args: argparse.Namespace, mode: str = "retrieve") -> list[tuple[
     paths = sorted(Path(args.images).glob("*.jpg"))[: args.num_images]
     if not paths:
         raise SystemExit(f"no .jpg files in {args.images}")
-    fields = {"mode": mode, **({"beam_size": str(args.beam_size)} if args.beam_size and mode != "retrieve" else {})}
+    name, _, rerank = mode.partition("+")  # "hybrid+consensus": mode hybrid with consensus re-ranking
+    fields = {"mode": name, **({"beam_size": str(args.beam_size)} if args.beam_size and name != "retrieve" else {}),
+              **({"consensus": "true"} if rerank == "consensus" else {})}
     return [multipart_body(p.read_bytes(), args.personality, args.k, filename=p.name, fields=fields) for p in paths]
 
 
@@ -173,11 +176,11 @@ def bench_modes(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def modes_table(results: list[dict[str, Any]]) -> str:
-    head = (f"{'mode':>8} | {'conc':>4} | {'p50':>7} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>4} | "
+    head = (f"{'mode':>17} | {'conc':>4} | {'p50':>7} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>4} | "
             f"{'server p50':>10} {'steps':>5}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['mode']:>8} | {r['concurrency']:>4} | {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} "
+        lines.append(f"{r['mode']:>17} | {r['concurrency']:>4} | {r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} "
                      f"{r['p99_ms']:>7.1f} {r['rps']:>7.1f} {r['errors']:>4} | {r['server_p50_ms'] or 0:>10.1f} "
                      f"{r['mean_decode_steps'] or 0:>5.1f}")
     return "\n".join(lines)
@@ -271,8 +274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=5)
     add_server_arguments(parser)
     parser.add_argument("--generator", type=Path, help="a caption-generator checkpoint: also measure --modes")
-    parser.add_argument("--modes", nargs="+", choices=["retrieve", "generate", "hybrid"],
-                        default=["retrieve", "generate", "hybrid"], help="modes measured with --generator")
+    parser.add_argument("--modes", nargs="+",
+                        choices=["retrieve", "generate", "hybrid", "generate+consensus", "hybrid+consensus"],
+                        default=["retrieve", "generate", "hybrid", "hybrid+consensus"],
+                        help="modes measured with --generator (+consensus: with consensus re-ranking)")
     parser.add_argument("--mode-requests", type=int, default=100, help="requests per mode and concurrency level")
     parser.add_argument("--beam-size", type=int, help="beam size of generate/hybrid requests (default: the "
                                                       "generator's)")

@@ -62,6 +62,13 @@ def test_generate_mode_on_the_page(browser, generating_server, tmp_path: Path) -
     wait.until(lambda d: "rescore" in d.find_element(By.ID, "status").text)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#results .result li.caption")) == 5
 
+    browser.find_element(By.ID, "consensus").click()
+    browser.find_element(By.ID, "submit").click()
+    wait.until(lambda d: "consensus" in d.find_element(By.ID, "status").text)
+    assert "rescore" not in browser.find_element(By.ID, "status").text
+    assert "agreement (CIDEr-D" in browser.find_element(By.ID, "score-legend").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#results .result li.caption")) == 5
+
 
 def test_no_mode_picker_without_a_generator(browser, tiny_checkpoint, service_index_root) -> None:
     from selenium.webdriver.common.by import By

@@ -155,6 +155,13 @@ const LEGENDS = {
     "(higher is a better fit); the tag says where each came from.",
 };
 
+function legend(body) {
+  if (!body.consensus_k) return LEGENDS[body.mode || "retrieve"];
+  return `Scores are each caption's agreement (CIDEr-D × 100) with the ${body.consensus_k} index captions ` +
+    "nearest the photo: higher means closer to what people wrote about similar photos; the tag says where " +
+    "each came from.";
+}
+
 function captionItem(c) {
   const item = el("li", { className: "caption", dataset: { source: c.source || "retrieved" } },
     el("span", { className: "caption-text", textContent: c.caption }),
@@ -165,7 +172,8 @@ function captionItem(c) {
 
 function timingText(t) {
   const stages = [["decode", t.decode_ms], ["encode", t.encode_ms], ["search", t.search_ms],
-                  ["generate", t.generate_ms], ["rescore", t.rescore_ms]]
+                  ["generate", t.generate_ms], ["rescore", t.rescore_ms],
+                  ["consensus", t.consensus_ms]]
     .filter(([, ms]) => ms !== undefined && ms !== null).map(([name, ms]) => `${name} ${ms.toFixed(0)}`);
   const steps = t.decode_steps ? `, ${t.decode_steps} decode steps` : "";
   return `${t.total_ms.toFixed(0)} ms (${stages.join(", ")}${steps})`;
@@ -176,7 +184,7 @@ function renderResults(body) {
     el("h3", { textContent: result.personality }),
     el("ol", {}, ...result.captions.map(captionItem))));
   $("results").replaceChildren(...sections);
-  $("score-legend").textContent = LEGENDS[body.mode || "retrieve"];
+  $("score-legend").textContent = legend(body);
   $("score-legend").hidden = false;
   showModel(body.model, body.index);
   $("status").textContent = timingText(body.timings);
@@ -193,6 +201,7 @@ async function submit(event) {
   const mode = selectedMode();
   form.append("mode", mode);
   if (mode !== "retrieve" && $("beam-size").value) form.append("beam_size", $("beam-size").value);
+  if (mode !== "retrieve" && $("consensus").checked) form.append("consensus", "true");
   showError("");
   $("submit").disabled = true;
   $("status").textContent = mode === "retrieve" ? "Ranking…" : "Writing captions…";
