@@ -86,7 +86,7 @@ class Resources:
                              mmap=self.settings.index_mmap, checkpoint=current, fallback=fallback,
                              placement=self.settings.index_placement, image_precision=self.settings.image_precision)
         warm_up(bundle)
-        if self.settings.generator is not None:
+        if self.settings.generator is not None and self.settings.consensus_k:
             bundle.consensus  # noqa: B018 - built here, off the event loop, before any request can use it
         return bundle
 

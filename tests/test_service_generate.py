@@ -179,6 +179,7 @@ def test_consensus_ranks_candidates_by_agreement_with_the_photos_nearest_caption
 
 
 def test_consensus_is_refused_in_retrieve_mode_and_said_why(client) -> None:
+    assert "consensus" in vars(client.app.state.resources.bundle)  # built at load, before any request asked
     response = post(client, image_bytes(seed=15), ["Sweet"], k=2, consensus="true")
     assert response.status_code == 422, response.text
     body = response.json()
@@ -245,6 +246,18 @@ def test_a_server_without_a_generator_refuses_the_generative_modes(service_clien
         body = response.json()
         assert body["error"] == "generator_unavailable" and "--generator" in body["message"]
     assert post(service_client, image_bytes(seed=9), ["Sweet"], mode="retrieve").status_code == 200
+
+
+def test_consensus_off_keeps_no_document_frequencies_and_says_so(service_settings, generator_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from transresnet.service.main import create_app
+
+    settings = service_settings.model_copy(update={"generator": generator_path, "consensus_k": 0})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as off:
+        response = post(off, image_bytes(seed=16), ["Sweet"], k=2, mode="hybrid", consensus="true")
+        assert response.status_code == 422 and "TRANSRESNET_CONSENSUS_K=0" in response.json()["message"]
+        assert post(off, image_bytes(seed=16), ["Sweet"], k=2, mode="hybrid").status_code == 200
+        assert "consensus" not in vars(off.app.state.resources.bundle)  # the cached ranker was never built
 
 
 def test_a_generator_without_personality_input_writes_one_caption_for_every_trait(

@@ -194,6 +194,9 @@ def plan_request(resources: Any, query: CaptionsInput) -> tuple[list[str], Capti
         raise GeneratorUnavailable(f"mode {query.mode!r} needs a caption generator; {how}",
                                    problems=[{"field": "mode", "message": how}])
     _check_limit(query.beam_size, settings.max_beam_size, "beam_size", "max_beam_size")
+    if query.consensus and not settings.consensus_k:
+        how = "this server has consensus re-ranking off (TRANSRESNET_CONSENSUS_K=0): leave consensus out"
+        raise InvalidRequest(how, problems=[{"field": "consensus", "message": how}])
     consensus_k = min(settings.consensus_k, len(bundle.index)) if query.consensus else None
     _check_limit(query.max_length, settings.max_generate_length, "max_length", "max_generate_length")
     decoding = generator.decoding(query.beam_size or min(generator.default_decoding.beam_size, settings.max_beam_size),
