@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "generate_queue", "generate",
-          "rescore_queue", "rescore")
+          "rescore_queue", "rescore", "consensus")
 """The per-stage timings a caption response carries (``timings.<stage>_ms``), summarised per level."""
 SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision")
 """The `transresnet serve` settings a benchmark passes through (see :func:`add_server_arguments`)."""

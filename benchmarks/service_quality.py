@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     queries = group_queries(load_dataset(args.data, split=args.split).records)
     overlap = references_in_index(args.index, queries)
     if overlap:
-        logger.warning("the index holds %d of the split's reference captions: retrieval will find them; build it "
-                       "from a pool without the split's photos (see this script's docstring)", overlap)
+        logger.warning("the index holds %d of the split's reference captions verbatim (captions of other photos "
+                       "can repeat them; many more mean the split's own captions are indexed: build the index from "
+                       "a pool without the split's photos, see this script's docstring)", overlap)
     flags = ["--checkpoint", str(args.checkpoint), "--index", str(args.index), "--generator", str(args.generator),
              "--max-beam-size", str(args.beam_size), "--consensus-k", str(args.consensus_k),
              "--threads", str(args.threads), "--device", "cpu"]
