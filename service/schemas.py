@@ -33,8 +33,8 @@ BeamSize = Annotated[int, Field(ge=1, le=64, description="Beam width for generat
 CONSENSUS_DESCRIPTION = ("generate and hybrid: rank the candidates by their agreement (CIDEr-D x 100) with the "
                          "photo's nearest index captions under the retrieval model (the server's consensus_k of "
                          "them), instead of by beam score (generate) or retrieval score (hybrid). It picks "
-                         "captions closer to what people wrote about similar photos (docs/results.md: "
-                         "+8 to +10 CIDEr-D on Flickr8k val)")
+                         "captions closer to what people wrote about similar photos (docs/results.md, Flickr8k val: "
+                         "hybrid CIDEr-D 50 with it, 29 without; beam search alone 39-42)")
 MaxLength = Annotated[int, Field(ge=1, le=100, description="Most words of a generated caption (at most the "
                                                             "server's max_generate_length; default: the "
                                                             "generator's)")]
