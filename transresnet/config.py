@@ -52,6 +52,11 @@ class ImageEncoderConfig(_Strict):
     backbone's work). Training and its per-epoch validation never use it (they read cached crops)."""
     freeze_backbone: bool = True
     """Frozen backbones have their features cached on disk once; unfrozen ones train end to end."""
+    train_tail: int = Field(0, ge=0)
+    """With a frozen backbone: how many of its last parts still train, at ``train.backbone_lr``, on cached
+    feature maps of the frozen rest (1 = the final 1x1 convolution, 2 = it and the last stage, ...; timm's
+    EfficientNet family: MobileNetV2, EfficientNet, EfficientNet-Lite). 0 = none. The checkpoint keeps the
+    trained weights, so evaluation and the service run the whole tuned backbone."""
     hidden_layers: int = Field(0, ge=0)
     """Extra [ReLU -> Dropout -> Linear] blocks after the first projection."""
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
@@ -272,6 +277,8 @@ class TrainConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
     text_lr: float = Field(2e-5, gt=0)
     """Learning rate of the transformer's own weights when they train."""
+    backbone_lr: float = Field(5e-5, gt=0)
+    """Learning rate of the image backbone's trained last parts (``model.image.train_tail``)."""
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     device: Device = "auto"
@@ -306,6 +313,9 @@ class ExperimentConfig(_Strict):
     def _check_combination(self) -> ExperimentConfig:
         if self.data.augment_crops and not self.model.image.freeze_backbone:
             raise ValueError("data.augment_crops needs model.image.freeze_backbone: true (crops are cached features)")
+        if self.model.image.train_tail and not (self.model.image.freeze_backbone and self.model.family == "retrieval"):
+            raise ValueError("model.image.train_tail trains the last parts of a frozen, cached backbone: it needs "
+                             "model.image.freeze_backbone: true and model.family retrieval")
         if self.model.family != "retrieval" and not self.model.image.freeze_backbone:
             raise ValueError(f"model.family {self.model.family} needs model.image.freeze_backbone: true (the decoders "
                              "read cached grid features)")

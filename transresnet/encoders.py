@@ -67,6 +67,46 @@ def create_backbone(cfg: ImageEncoderConfig, *, load_weights: bool = True) -> nn
     return model
 
 
+_TAIL_LAYOUT = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
+def _tail_cut(backbone: nn.Module, parts: int) -> int:
+    """How many of the backbone's stages stay in its frozen front when its last ``parts`` parts train."""
+    if not all(hasattr(backbone, name) for name in _TAIL_LAYOUT):
+        raise ValueError(f"model.image.train_tail needs a timm EfficientNet-family backbone (conv_stem, blocks, "
+                         f"conv_head: MobileNetV2, EfficientNet, EfficientNet-Lite); {type(backbone).__name__} "
+                         "is not one (set train_tail: 0)")
+    stages = len(backbone.blocks)
+    if not 1 <= parts <= stages + 1:
+        raise ValueError(f"model.image.train_tail is {parts}; this backbone has {stages + 1} parts to train "
+                         f"(1 = its final 1x1 convolution, up to {stages + 1} = that and all {stages} stages)")
+    return stages - (parts - 1)
+
+
+def tail_parameters(backbone: nn.Module, parts: int) -> list[nn.Parameter]:
+    """The weights of the backbone's last ``parts`` parts: part 1 is the final 1x1 convolution and its norm
+    (``conv_head``, ``bn2``), each further part one more stage from the end."""
+    cut = _tail_cut(backbone, parts)
+    modules = [*backbone.blocks[cut:], backbone.conv_head, backbone.bn2]
+    return [p for module in modules for p in module.parameters()]
+
+
+def tail_input(backbone: nn.Module, pixels: torch.Tensor, parts: int) -> torch.Tensor:
+    """The frozen front's feature map (B, C, H, W): what the last ``parts`` parts take (cached in training)."""
+    x = backbone.bn1(backbone.conv_stem(pixels))
+    for stage in backbone.blocks[:_tail_cut(backbone, parts)]:
+        x = stage(x)
+    return x
+
+
+def tail_output(backbone: nn.Module, maps: torch.Tensor, parts: int) -> torch.Tensor:
+    """The last ``parts`` parts on :func:`tail_input`'s maps: the pooled features (B, F) of the whole backbone."""
+    x = maps
+    for stage in backbone.blocks[_tail_cut(backbone, parts):]:
+        x = stage(x)
+    return backbone.forward_head(backbone.bn2(backbone.conv_head(x)))
+
+
 class ImageMLP(nn.Module):
     """BatchNorm1d -> Dropout -> Linear, then optional [ReLU -> Dropout -> Linear] blocks."""
 

@@ -92,7 +92,7 @@ def _backbone_identity(checkpoint: Checkpoint) -> str:
     from transresnet.features import weights_identity
 
     cfg = checkpoint.config.model.image
-    if cfg.freeze_backbone and (cfg.pretrained or (cfg.weights and Path(cfg.weights).is_file())):
+    if cfg.freeze_backbone and not cfg.train_tail and (cfg.pretrained or (cfg.weights and Path(cfg.weights).is_file())):
         return weights_identity(cfg)  # a frozen backbone still holds exactly these weights
     return "checkpoint-backbone:" + state_dict_digest(checkpoint.model.backbone).hexdigest()[:32]
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transresnet.config import ImageEncoderConfig
+from transresnet.encoders import tail_input
 from transresnet.files import sha256_file
 from transresnet.images import ImagePreprocessor
 from transresnet.options import ImageTTA
@@ -48,8 +49,13 @@ def pooled_features(backbone: torch.nn.Module, pixels: torch.Tensor, tta: ImageT
 
 
 def backbone_output(backbone: torch.nn.Module, pixels: torch.Tensor, pooling: Pooling = "avg",
-                    tta: ImageTTA = "none") -> torch.Tensor:
-    """avg: the pooled features (B, F) (:func:`pooled_features`); grid: the last feature map as (B, H * W, F)."""
+                    tta: ImageTTA = "none", tail: int = 0) -> torch.Tensor:
+    """avg: the pooled features (B, F) (:func:`pooled_features`); grid: the last feature map as (B, H * W, F).
+    ``tail`` > 0 (avg only): the map (B, C, H, W) the backbone's last ``tail`` parts take, for training them."""
+    if tail:
+        if pooling != "avg" or tta != "none":
+            raise ValueError("a trained backbone tail reads single-view maps and pools them itself")
+        return tail_input(backbone, pixels, tail)
     if pooling == "avg":
         return pooled_features(backbone, pixels, tta)
     if tta != "none":
@@ -64,12 +70,13 @@ def weights_identity(cfg: ImageEncoderConfig) -> str:
 
 
 def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weights: str, view: int = 0,
-              pooling: Pooling = "avg", runtime: str = "float32", tta: ImageTTA = "none") -> str:
+              pooling: Pooling = "avg", runtime: str = "float32", tta: ImageTTA = "none", tail: int = 0) -> str:
     """``view`` 0 is the centre crop; view n > 0 is the n-th seeded random crop and flip.
 
     ``pooling`` avg: global-pooled vectors (N, F); grid: the last feature map's cells (N, cells, F).
     ``runtime``: the image encoder that computed them (:attr:`transresnet.image_runtime.ImageRunner.identity`).
     ``tta``: the test-time views averaged (:func:`pooled_features`).
+    ``tail``: the maps before the backbone's last ``tail`` parts instead of its output (:func:`backbone_output`).
     """
     parts = {"format": CACHE_FORMAT, "backbone": cfg.backbone, "kwargs": cfg.backbone_kwargs, "weights": weights,
              "preprocess": preprocessor.identity(), "view": view}
@@ -79,6 +86,8 @@ def cache_key(cfg: ImageEncoderConfig, preprocessor: ImagePreprocessor, *, weigh
         parts["runtime"] = runtime
     if tta != "none":  # and single-view keys what they were before test-time views
         parts["tta"] = tta
+    if tail:
+        parts["tail"] = tail
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -105,7 +114,7 @@ class _ImageFiles(Dataset):
 def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor, paths: Sequence[Path], *,
                      view: int = 0, batch_size: int = 64, num_workers: int = 0,
                      device: torch.device | str = "cpu", desc: str = "image features",
-                     pooling: Pooling = "avg", tta: ImageTTA = "none") -> np.ndarray:
+                     pooling: Pooling = "avg", tta: ImageTTA = "none", tail: int = 0) -> np.ndarray:
     """Backbone features of each image, float32 (N, F) or grid (N, cells, F), with a progress bar in images/s;
     pooled ones averaged over the test-time views ``tta`` (:func:`pooled_features`)."""
     # A generator of its own: the loader's worker seeds never draw from (and so never shift) the global RNG,
@@ -115,7 +124,7 @@ def compute_features(backbone: torch.nn.Module, preprocessor: ImagePreprocessor,
     chunks = []
     with eval_mode(backbone), progress(len(paths), desc, "photos") as bar:
         for pixels in loader:
-            chunks.append(backbone_output(backbone, pixels.to(device), pooling, tta).float().cpu().numpy())
+            chunks.append(backbone_output(backbone, pixels.to(device), pooling, tta, tail).float().cpu().numpy())
             bar.update(len(pixels))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
@@ -170,21 +179,22 @@ class FeatureCache:
 
 def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: Sequence[Path], *, root: str | Path,
                     weights: str, views: int = 1, batch_size: int = 64, num_workers: int = 0,
-                    device: torch.device | str = "cpu", pooling: Pooling = "avg", tta: ImageTTA = "none"
-                    ) -> np.ndarray:
+                    device: torch.device | str = "cpu", pooling: Pooling = "avg", tta: ImageTTA = "none",
+                    tail: int = 0) -> np.ndarray:
     """Features (N, views, F), or (N, views, cells, F) for grids, computing and caching only what is missing.
 
     ``backbone`` may be an :class:`transresnet.image_runtime.ImageRunner`: its features are cached apart from
     float32's (keyed by its ``identity``). ``tta``: test-time views averaged for the centre crop (view 0, what
-    evaluation reads); training's random crops are single views whatever it is.
+    evaluation reads); training's random crops are single views whatever it is. ``tail``: the maps
+    (N, views, C, H, W) before the backbone's last ``tail`` parts (:func:`backbone_output`).
     """
     preprocessor = ImagePreprocessor(cfg)
-    runtime = getattr(backbone, "identity", "float32") if pooling == "avg" else "float32"
+    runtime = getattr(backbone, "identity", "float32") if pooling == "avg" and not tail else "float32"
     per_view = []
     for view in range(views):
         view_tta = tta if view == 0 else "none"
         cache = FeatureCache(root, cache_key(cfg, preprocessor, weights=weights, view=view, pooling=pooling,
-                                             runtime=runtime, tta=view_tta))
+                                             runtime=runtime, tta=view_tta, tail=tail))
         todo = cache.missing(paths)
         if todo:
             start = time.perf_counter()
@@ -192,7 +202,7 @@ def cached_features(backbone: torch.nn.Module, cfg: ImageEncoderConfig, paths: S
             crop += f" ({view_tta}: its views averaged)" if view_tta != "none" else ""
             feats = compute_features(backbone, preprocessor, todo, view=view, batch_size=batch_size,
                                      num_workers=num_workers, device=device, pooling=pooling, tta=view_tta,
-                                     desc=f"caching {crop} for {len(todo)} photos")
+                                     tail=tail, desc=f"caching {crop} for {len(todo)} photos")
             elapsed = time.perf_counter() - start
             logger.info("cached %d image features (view %d) in %.1fs: %.1f images/s -> %s", len(todo), view,
                         elapsed, len(todo) / max(elapsed, 1e-9), cache.folder)

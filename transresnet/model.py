@@ -21,6 +21,7 @@ from transresnet.encoders import (
     TextEncoder,
     create_backbone,
     create_text_encoder,
+    tail_parameters,
 )
 from transresnet.features import pooled_features
 from transresnet.options import ImageTTA
@@ -58,6 +59,9 @@ class TransResNet(nn.Module):
         # log(1 / temperature); only used by cosine scoring.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.backbone.requires_grad_(not config.image.freeze_backbone)
+        if config.image.train_tail:
+            for weight in tail_parameters(backbone, config.image.train_tail):
+                weight.requires_grad_(True)
 
     @property
     def embed_dim(self) -> int:

@@ -45,6 +45,7 @@ from transresnet.config import ExperimentConfig, dump_config
 from transresnet.data import CaptionRecord, load_dataset
 from transresnet.devices import resolve_device
 from transresnet.encode import encode_queries
+from transresnet.encoders import tail_output, tail_parameters
 from transresnet.evaluate import task_metrics
 from transresnet.features import cached_features, weights_identity
 from transresnet.files import remove_stale, write_text_atomic
@@ -83,13 +84,15 @@ class ImageInputs:
         self.paths = paths
         self.device = device
         self.frozen = config.model.image.freeze_backbone
+        self.tail = config.model.image.train_tail
         self.preprocessor = ImagePreprocessor(config.model.image)
         self.cached: torch.Tensor | None = None
         if self.frozen:
+            # With a trained tail the cache holds the frozen front's maps (its weights are the file's).
             features = cached_features(
                 model.backbone, config.model.image, paths, root=config.data.feature_cache,
                 weights=weights_identity(config.model.image), views=1 + config.data.augment_crops,
-                num_workers=config.train.num_workers, device=device)
+                num_workers=config.train.num_workers, device=device, tail=self.tail)
             self.cached = torch.from_numpy(features)
 
     def features(self, rows: Sequence[int], *, train: bool) -> torch.Tensor:
@@ -97,7 +100,8 @@ class ImageInputs:
             # Training draws one cached view (centre or a random crop) per example; evaluation uses the centre.
             views = self.cached.shape[1] if train else 1
             view = torch.randint(views, (len(rows),)) if views > 1 else torch.zeros(len(rows), dtype=torch.long)
-            return self.cached[torch.as_tensor(rows), view].to(self.device)
+            features = self.cached[torch.as_tensor(rows), view].to(self.device)
+            return tail_output(self.model.backbone, features, self.tail) if self.tail else features
         pixels = torch.stack([self.preprocessor.load(self.paths[r]) for r in rows])
         return self.model.encode_image(pixels.to(self.device), tta="none")  # training never averages views
 
@@ -212,8 +216,13 @@ def evaluate(model: TransResNet, task: RankingTask, images: ImageInputs, texts: 
 def _param_groups(model: TransResNet, config: ExperimentConfig) -> list[dict[str, Any]]:
     transformer = getattr(model.text, "transformer", None)
     text_ids = {id(p) for p in transformer.parameters()} if transformer is not None else set()
-    main = [p for p in model.parameters() if id(p) not in text_ids]
+    tail = config.model.image.train_tail
+    tail_weights = tail_parameters(model.backbone, tail) if tail else []
+    tail_ids = {id(p) for p in tail_weights}
+    main = [p for p in model.parameters() if id(p) not in text_ids | tail_ids]
     groups = [{"params": main, "lr": config.train.lr}]
+    if tail_weights:
+        groups.append({"params": tail_weights, "lr": config.train.backbone_lr})
     if transformer is not None:
         groups.append({"params": list(transformer.parameters()), "lr": config.train.text_lr})
     return groups
