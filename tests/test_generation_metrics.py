@@ -63,6 +63,14 @@ def test_scores_equal_pycocoevalcap_on_the_tokenised_input() -> None:
     assert 0 < ours["bleu_4"] < ours["bleu_1"] <= 100
 
 
+def test_bleu_length_ratio_is_the_words_over_the_closest_references_words() -> None:
+    refs = {"a": ["one two three four five", "one two"], "b": ["a b c d e f g h"]}
+    hyps = {"a": "one two three", "b": "a b c d"}  # the closest references have 2 and 8 words
+    assert caption_scores(refs, hyps)["bleu_length_ratio"] == pytest.approx((3 + 4) / (2 + 8))
+    brief = caption_scores(REFS, {"dog": "a dog", "kids": "kids", "bike": "a man"})
+    assert brief["bleu_length_ratio"] < 0.5
+
+
 def test_scores_ignore_case_and_punctuation_and_reward_the_right_caption() -> None:
     plain = {"dog": "a black dog runs", "kids": "two kids playing soccer", "bike": "a man rides a bike"}
     shouted = {k: v.upper() + " !" for k, v in plain.items()}

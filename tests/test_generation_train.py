@@ -124,6 +124,17 @@ def test_cli_trains_and_evaluates_other_families(family: str, cell: str, synthet
     assert {"bleu_1", "bleu_4", "rouge_l", "cider_d", "distinct_words", "novel_pct", "voice_accuracy"} <= set(report)
     assert report["family"] == family and report["examples"][0]["caption"]
     assert "| image | trait | generated |" in (tmp_path / "eval" / "eval.md").read_text()
+    # Every query's caption is in the report, and rescoring them gives its figures.
+    from transresnet.data import load_dataset
+    from transresnet.generation.data import group_queries
+    from transresnet.generation.metrics import caption_scores
+
+    queries = group_queries(load_dataset(synthetic_dataset, split="val").records)
+    assert [(c["image"], c["trait"]) for c in report["captions"]] == [(q.image_id, q.trait) for q in queries]
+    rescored = caption_scores({i: q.references for i, q in enumerate(queries)},
+                              {i: c["caption"] for i, c in enumerate(report["captions"])})
+    for key in ("bleu_4", "cider_d", "bleu_length_ratio"):
+        assert rescored[key] == pytest.approx(report[key], abs=1e-9)
 
 
 def test_generator_configs_validate(synthetic_dataset: Path, tmp_path: Path) -> None:

@@ -178,6 +178,9 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
         "traits": options.traits, "decoding": decoding.model_dump(mode="json"), "consensus": consensus, **metrics,
         "examples": [{"image": q.image_id, "trait": q.trait, "caption": c, "references": list(q.references[:3])}
                      for q, c in list(zip(queries, captions, strict=True))[:EXAMPLES]],
+        # every query's caption, so that a report can be rescored or compared caption by caption
+        "captions": [{"image": q.image_id, "trait": q.trait, "caption": c}
+                     for q, c in zip(queries, captions, strict=True)],
         "seconds": {"decode_s": round(decode_s, 2), "total_s": round(time.perf_counter() - started, 2)},
         "created": utc_timestamp(),
     }
@@ -187,7 +190,7 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
 
 
 def metric_table(report: dict[str, Any]) -> str:
-    keys = [k for k in (*METRIC_KEYS, "meteor", "distinct_words", "novel_pct", "voice_accuracy")
+    keys = [k for k in (*METRIC_KEYS, "bleu_length_ratio", "meteor", "distinct_words", "novel_pct", "voice_accuracy")
             if report.get(k) is not None]
     return format_table(["metric", "value"], [[k, f"{report[k]:.2f}"] for k in keys], numeric=True)
 
@@ -196,7 +199,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     decoding = report["decoding"]
     how = (f"beam {decoding['beam_size']}, length penalty {decoding['length_penalty']}"
            if decoding["method"] == "beam" else decoding["method"])
-    keys = [k for k in (*METRIC_KEYS, "meteor", "distinct_words", "novel_pct", "voice_accuracy")
+    keys = [k for k in (*METRIC_KEYS, "bleu_length_ratio", "meteor", "distinct_words", "novel_pct", "voice_accuracy")
             if report.get(k) is not None]
     members = len(report.get("ensemble") or []) + 1
     ensemble = f", an ensemble of {members} checkpoints" if members > 1 else ""

@@ -134,19 +134,33 @@ def tokenized_inputs(references: Mapping[Hashable, Sequence[str]],
 
 def caption_scores(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str], *,
                    meteor: bool = False) -> dict[str, float]:
-    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D (x 100) of one hypothesis per id against its references."""
+    """Corpus BLEU-1..4, ROUGE-L and CIDEr-D (x 100) of one hypothesis per id against its references, and BLEU's
+    length ratio (``bleu_length_ratio``: the hypotheses' words over their closest references' words; under 1,
+    BLEU's brevity penalty exp(1 - 1 / ratio) scales every BLEU-n)."""
     if not references:
-        return dict.fromkeys(METRIC_KEYS, 0.0)
-    Bleu, Rouge, Cider = _scorers()
+        return {**dict.fromkeys(METRIC_KEYS, 0.0), "bleu_length_ratio": 0.0}
+    _, Rouge, Cider = _scorers()
     gts, res = tokenized_inputs(references, hypotheses)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, ratio = _bleu(gts, res)
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     scores = {f"bleu_{n + 1}": 100 * float(b) for n, b in enumerate(bleu)}
-    scores.update(rouge_l=100 * float(rouge), cider_d=100 * float(cider))
+    scores.update(rouge_l=100 * float(rouge), cider_d=100 * float(cider), bleu_length_ratio=ratio)
     if meteor:
         scores["meteor"] = meteor_score(gts, res)
     return scores
+
+
+def _bleu(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[list[float], float]:
+    """pycocoevalcap's corpus BLEU-1..4 (what its ``Bleu(4).compute_score`` runs) and the length ratio it
+    prints but does not return."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for key in gts:
+        scorer += (res[key][0], gts[key])
+    bleu, _ = scorer.compute_score(option="closest", verbose=0)
+    return bleu, scorer._testlen / max(scorer._reflen, 1e-16)  # the ratio compute_score logs with verbose
 
 
 def meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float | None:
