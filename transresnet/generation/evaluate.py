@@ -34,6 +34,8 @@ from transresnet.tables import format_table
 logger = logging.getLogger(__name__)
 
 EXAMPLES = 20
+REPORTED_KEYS = (*METRIC_KEYS, "bleu_length_ratio", "meteor", "distinct_words", "novel_pct", "voice_accuracy")
+"""The report's figures in its tables, where present."""
 """Queries whose captions the report shows."""
 
 
@@ -190,8 +192,7 @@ def run_generate_eval(options: EvalOptions) -> dict[str, Any]:
 
 
 def metric_table(report: dict[str, Any]) -> str:
-    keys = [k for k in (*METRIC_KEYS, "bleu_length_ratio", "meteor", "distinct_words", "novel_pct", "voice_accuracy")
-            if report.get(k) is not None]
+    keys = [k for k in REPORTED_KEYS if report.get(k) is not None]
     return format_table(["metric", "value"], [[k, f"{report[k]:.2f}"] for k in keys], numeric=True)
 
 
@@ -199,8 +200,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     decoding = report["decoding"]
     how = (f"beam {decoding['beam_size']}, length penalty {decoding['length_penalty']}"
            if decoding["method"] == "beam" else decoding["method"])
-    keys = [k for k in (*METRIC_KEYS, "bleu_length_ratio", "meteor", "distinct_words", "novel_pct", "voice_accuracy")
-            if report.get(k) is not None]
+    keys = [k for k in REPORTED_KEYS if report.get(k) is not None]
     members = len(report.get("ensemble") or []) + 1
     ensemble = f", an ensemble of {members} checkpoints" if members > 1 else ""
     lines = [f"# {report['family']} ({report['cell']}{ensemble}) on {report['data']} split {report['split']}", "",
