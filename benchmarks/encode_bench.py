@@ -5,10 +5,11 @@ threads, in one process, alternating which goes first each round:
 
 * ``sentence-transformers``: ``SentenceTransformer(<bundled MiniLM>).encode`` (float32, its own
   length sorting);
-* ``float32`` / ``bfloat16`` / ``int8``: ``transresnet.encode.encode_captions(..., precision=P)`` on a
-  checkpoint whose text encoder is that MiniLM (``--checkpoint``, e.g. runs/flickr8k_voices/best, or a
-  random-head one); int8 is the ONNX Runtime export (transresnet.onnx_text), exported during the warm-up
-  as a cached index build would find it;
+* ``float32`` / ``bfloat16`` / ``openvino_bf16`` / ``int8``: ``transresnet.encode.encode_captions(...,
+  precision=P)`` on a checkpoint whose text encoder is that MiniLM (``--checkpoint``, e.g.
+  runs/flickr8k_voices/best, or a random-head one); openvino_bf16 (OpenVINO in bfloat16) and int8 (ONNX
+  Runtime) run the exports of transresnet.onnx_text, made during the warm-up as a cached index build would
+  find them;
 * ``int8 torch``: torch's own dynamic int8 kernels (``torch.ao.quantization.quantize_dynamic`` on the
   Linear layers the ONNX recipe quantises: attention, not the feed-forward layers) swapped in through
   the same ``encode_captions`` path, for comparison (the project ships the ONNX Runtime one).
@@ -39,7 +40,7 @@ import numpy as np  # noqa: E402
 logger = logging.getLogger("encode_bench")
 DEFAULT_CAPTIONS = SHARED / "data" / "flickr8k-captions" / "captions.csv"
 BASELINE, FLOAT32 = "sentence-transformers", "float32"
-METHODS = (BASELINE, FLOAT32, "bfloat16", "int8", "int8 torch")
+METHODS = (BASELINE, FLOAT32, "bfloat16", "openvino_bf16", "int8", "int8 torch")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,7 +129,7 @@ def encoders(args: argparse.Namespace, model) -> dict[str, Callable[[list[str]],
         methods[BASELINE] = lambda texts: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True,
                                                     show_progress_bar=False)
     methods[FLOAT32] = ours("float32")
-    for name in ("bfloat16", "int8"):
+    for name in ("bfloat16", "openvino_bf16", "int8"):
         if name not in args.skip:
             methods[name] = ours(name)
     if "int8 torch" not in args.skip:
@@ -185,7 +186,7 @@ def versions() -> dict[str, str | None]:
     import importlib.metadata
 
     found: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx"):
+    for name in ("torch", "transformers", "sentence-transformers", "onnxruntime", "onnx", "openvino"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn in methods.values():
         fn(captions[:256])
     warmup = time.perf_counter() - started
-    logger.info("warm-up %.1fs (with the int8 export when it was not cached yet)", warmup)
+    logger.info("warm-up %.1fs (with the exports when they were not cached yet)", warmup)
 
     seconds, cpu, outputs = time_rounds(methods, captions, args.rounds)
     cosine = agreement(outputs)

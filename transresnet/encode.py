@@ -2,10 +2,11 @@
 
 ``encode_captions`` runs the checkpoint's own ``model.encode_text`` over batches of similar token length
 (little padding, and equal-length batches need no attention mask), under ``torch.inference_mode``.
-Precisions: float32; bfloat16 / float16 (torch autocast); int8 (the text transformer exported to ONNX and
-dynamically quantised, :mod:`transresnet.onnx_text`, under the same tokenisation, pooling, projection and
-normalisation). "auto" tries the reduced ones this machine has, fastest first (float16 on a GPU;
-on a CPU bfloat16 where it is native, then int8 with the ``onnx`` extra), and takes the first whose
+Precisions: float32; bfloat16 / float16 (torch autocast); openvino_bf16 (the text transformer exported to ONNX
+and run by OpenVINO in bfloat16) and int8 (the export dynamically quantised for ONNX Runtime), both from
+:mod:`transresnet.onnx_text` under the same tokenisation, pooling, projection and normalisation. "auto" tries
+the reduced ones this machine has, fastest first (float16 on a GPU; on a CPU with native bfloat16
+openvino_bf16 with the ``openvino`` extra, then bfloat16; then int8 with the ``onnx`` extra), and takes the first whose
 calibration sample stays within its cosine bound of float32 (``MIN_COSINE``, ``MIN_COSINE_INT8``);
 otherwise float32.
 """
@@ -85,15 +86,23 @@ def _candidates(model: TransResNet, precision: str) -> list[str]:
     _check_name(precision)
     if precision != "auto":
         return [] if precision == "float32" else [precision]
-    from transresnet.onnx_text import unavailable_reason
+    from transresnet.onnx_text import check_openvino, unavailable_reason
 
     device = model.device.type
     if device == "cuda":
-        return ["float16"]  # int8 runs in ONNX Runtime on the CPU: on a GPU, float16 is the faster choice
+        return ["float16"]  # the exports run on the CPU: on a GPU, float16 is the faster choice
     if device != "cpu":
         return []
-    # Native bfloat16 first: on such a CPU it was faster than int8 (docs/results.md) under the tighter bound.
-    found = ["bfloat16"] if _cpu_has_bf16() else []
+    # Fastest first as measured here (docs/results.md): OpenVINO's bfloat16, torch's bfloat16, then int8,
+    # which earns its place on CPUs without native bfloat16.
+    found = []
+    if _cpu_has_bf16():
+        try:
+            check_openvino(model, native_bf16=True)
+            found.append("openvino_bf16")
+        except (ValueError, ImportError) as err:
+            logger.debug("auto precision skips openvino_bf16: %s", err)
+        found.append("bfloat16")
     reason = unavailable_reason(model)
     if reason is None:
         found.append("int8")
@@ -117,6 +126,11 @@ def _plan(model: TransResNet, precision: str, cache_dir: str | Path | None) -> _
         from transresnet.onnx_text import load_int8_transformer
 
         return _Plan("int8", transformer=load_int8_transformer(model, cache_dir=cache_dir))
+    if precision == "openvino_bf16":
+        from transresnet.onnx_text import check_openvino, load_openvino_transformer
+
+        check_openvino(model, native_bf16=model.device.type == "cpu" and _cpu_has_bf16())
+        return _Plan(precision, transformer=load_openvino_transformer(model, cache_dir=cache_dir))
     if precision in ("float32", "auto"):
         return _Plan("float32")
     return _Plan(precision, dtype=getattr(torch, precision))
@@ -174,9 +188,10 @@ def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int
     """Captions -> caption vectors, float32 (N, D), row i for ``texts[i]``.
 
     ``precision``: "auto" (the fastest reduced precision this machine has whose calibration sample stays
-    within its bound of float32; see :func:`choose_precision`), or "float32", "bfloat16", "float16", "int8"
-    used as given. ``progress``: None = a bar on a terminal, log lines otherwise; False = silent.
-    ``cache_dir``: where int8 exports are cached (default: see :mod:`transresnet.onnx_text`).
+    within its bound of float32; see :func:`choose_precision`), or "float32", "bfloat16", "float16",
+    "openvino_bf16", "int8" used as given.
+    ``progress``: None = a bar on a terminal, log lines otherwise; False = silent.
+    ``cache_dir``: where int8 and OpenVINO exports are cached (default: see :mod:`transresnet.onnx_text`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -9,15 +9,18 @@ Modes (:data:`transresnet.options.ImagePrecision`):
 - ``compile``: ``torch.compile`` of the channels-last copy (explicit only: compiling costs minutes per batch
   shape on a small CPU and was not faster here; docs/results.md);
 - ``onnx``: the backbone and its pooling exported to ONNX and run by ONNX Runtime in float32;
-- ``int8``: that export statically quantised (QDQ; uint8 activations with ranges calibrated on photos,
+- ``openvino``: the same float32 export compiled and run by OpenVINO (the ``openvino`` extra; about 1.3-1.8x
+  ONNX Runtime's float32 here at batch 1, docs/results.md);
+- ``openvino_bf16``: OpenVINO in bfloat16 (CPUs with native bfloat16 only);
+- ``int8``: the ``onnx`` export statically quantised (QDQ; uint8 activations with ranges calibrated on photos,
   int8 weights per output channel);
 - ``auto``: every mode this machine offers is built and measured on the calibration photos, and the fastest
   whose features (and image-MLP outputs) stay within cosine 0.999 of float32 is used (a tighter bound than
   an explicit bfloat16 / int8 gets: see :func:`tolerance`); float32 when none is faster. The choice and
   why are logged and kept in :attr:`ImageRunner.report`.
 
-An explicit mode is checked too and refused (ValueError) when it drifts; ``onnx`` and ``int8`` without the
-``onnx`` extra fall back to ``channels_last`` with a warning. Exports are cached by
+An explicit mode is checked too and refused (ValueError) when it drifts; an export mode without its packages
+runs as PyTorch's nearest mode with a warning (:data:`FALLBACKS`). Exports are cached by
 :mod:`transresnet.onnx_cache` (beside the checkpoint, keyed by the backbone's fingerprint, the mode, the input
 size, the calibration photos for int8, the recipe and the runtime versions).
 """
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import transresnet.onnx_cache as onnx_cache
+import transresnet.openvino_runtime as openvino_runtime
 from transresnet.checkpoint import state_dict_digest
 from transresnet.config import DataConfig, ImageEncoderConfig
 from transresnet.encode import MIN_COSINE, MIN_COSINE_INT8, _cpu_has_bf16
@@ -52,9 +56,12 @@ from transresnet.runtime import eval_mode
 logger = logging.getLogger(__name__)
 
 PRECISIONS = choices(ImagePrecision)
-AUTO_CANDIDATES = ("int8", "onnx", "bfloat16", "channels_last")
+AUTO_CANDIDATES = ("int8", "openvino_bf16", "openvino", "onnx", "bfloat16", "channels_last")
 """What ``auto`` measures besides float32 (compile is left out: its compile time at every load)."""
-EXACT_MODES = ("channels_last", "compile", "onnx")
+OPENVINO_MODES = ("openvino", "openvino_bf16")
+CPU_MODES = ("onnx", "int8", *OPENVINO_MODES)
+"""The modes that run an ONNX export (ONNX Runtime or OpenVINO): CPU only, and they need the onnx extra."""
+EXACT_MODES = ("channels_last", "compile", "onnx", "openvino")
 """float32 arithmetic in another layout or runtime: held to the tight bound, a drift there is a bug."""
 CALIBRATION_IMAGES = 16
 TIMING_BATCH = 8
@@ -177,7 +184,22 @@ class OrtEngine:
         return torch.from_numpy(features).to(pixels.device)
 
 
-Engine = TorchEngine | OrtEngine
+class OpenVinoEngine:
+    """The float32 ONNX export compiled by OpenVINO, in float32 (``openvino``) or bfloat16 (``openvino_bf16``)."""
+
+    def __init__(self, name: str, folder: Path, model_file: str, threads: int) -> None:
+        self.name = name
+        self.folder = folder
+        self.model = openvino_runtime.CompiledOnnx(folder / model_file, threads,
+                                                   "bf16" if name == "openvino_bf16" else "f32")
+        self.identity = f"{name}:{folder.name}"
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        feed = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.model({"pixels": feed})).to(pixels.device)
+
+
+Engine = TorchEngine | OrtEngine | OpenVinoEngine
 
 
 def image_fingerprint(backbone: nn.Module, cfg: ImageEncoderConfig) -> str:
@@ -246,19 +268,14 @@ def export_key(mode: str, fingerprint: str, size: int, calibration: torch.Tensor
     return key
 
 
-def load_ort_engine(mode: str, backbone: nn.Module, cfg: ImageEncoderConfig, *, cache_root: Path,
-                    calibration: torch.Tensor | None = None, fingerprint: str | None = None) -> OrtEngine:
-    """The ``onnx`` / ``int8`` engine of ``backbone``: read from the cache when a verified export for this key
-    is there, else exported (and quantised) into it first."""
+def ensure_export(mode: str, backbone: nn.Module, cfg: ImageEncoderConfig, *, cache_root: Path,
+                  calibration: torch.Tensor | None = None, fingerprint: str | None = None) -> tuple[Path, str]:
+    """The folder and file name of ``backbone``'s ``onnx`` (float32) or ``int8`` export: a verified one from
+    the cache, else exported (and quantised) into it first."""
     fingerprint = fingerprint or image_fingerprint(backbone, cfg)
     key = export_key(mode, fingerprint, cfg.image_size, calibration)
     folder = onnx_cache.keyed_folder(cache_root, f"image-{mode}", key)
     model_file = f"image.{mode}.onnx"
-    threads = torch.get_num_threads()
-    memo = onnx_cache.memo_key(folder, (model_file, onnx_cache.META), threads)
-    engine = _SESSIONS.get(memo)
-    if engine is not None:
-        return engine
     if onnx_cache.read_verified(folder, key, model_file) is None:
         started = time.perf_counter()
 
@@ -273,8 +290,38 @@ def load_ort_engine(mode: str, backbone: nn.Module, cfg: ImageEncoderConfig, *, 
 
         onnx_cache.publish_export(folder, key, model_file, build)
         onnx_cache.timed(f"the {mode} image encoder", started, folder)
-    engine = OrtEngine(mode, folder, model_file, threads)
-    _SESSIONS.put(onnx_cache.memo_key(folder, (model_file, onnx_cache.META), threads), engine)
+    return folder, model_file
+
+
+def load_ort_engine(mode: str, backbone: nn.Module, cfg: ImageEncoderConfig, *, cache_root: Path,
+                    calibration: torch.Tensor | None = None, fingerprint: str | None = None) -> OrtEngine:
+    """The ``onnx`` / ``int8`` engine of ``backbone`` in ONNX Runtime (its export made first when needed)."""
+    folder, model_file = ensure_export(mode, backbone, cfg, cache_root=cache_root, calibration=calibration,
+                                       fingerprint=fingerprint)
+    threads = torch.get_num_threads()
+    memo = onnx_cache.memo_key(folder, (model_file, onnx_cache.META), threads)
+    engine = _SESSIONS.get(memo)
+    if engine is None:
+        engine = OrtEngine(mode, folder, model_file, threads)
+        _SESSIONS.put(memo, engine)
+    return engine
+
+
+def load_openvino_engine(mode: str, backbone: nn.Module, cfg: ImageEncoderConfig, *, cache_root: Path,
+                         fingerprint: str | None = None) -> OpenVinoEngine:
+    """The ``openvino`` / ``openvino_bf16`` engine: OpenVINO compiling the float32 ``onnx`` export."""
+    openvino_runtime.require(f"the {mode} image encoder", "choose --image-precision onnx / channels_last")
+    if mode == "openvino_bf16" and not _cpu_has_bf16():
+        raise ValueError("openvino_bf16 runs in bfloat16, which this CPU does not have natively; choose "
+                         "--image-precision openvino (float32)")
+    folder, model_file = ensure_export("onnx", backbone, cfg, cache_root=cache_root, fingerprint=fingerprint)
+    threads = torch.get_num_threads()
+    stats = onnx_cache.memo_key(folder, (model_file, onnx_cache.META), threads)
+    memo = None if stats is None else (mode, *stats)
+    engine = _SESSIONS.get(memo)
+    if engine is None:
+        engine = OpenVinoEngine(mode, folder, model_file, threads)
+        _SESSIONS.put(memo, engine)
     return engine
 
 
@@ -308,11 +355,14 @@ class EngineBuilder:
             return TorchEngine(mode, self.channels_last(), channels_last=True, dtype=torch.bfloat16, identity=mode)
         if mode == "compile":
             return TorchEngine(mode, torch.compile(self.channels_last()), channels_last=True, identity=mode)
+        if mode in CPU_MODES and next(self.backbone.parameters()).device.type != "cpu":
+            raise ValueError(f"the {mode} image encoder runs on the CPU; this model is on a GPU")
         if mode in ("onnx", "int8"):
-            if next(self.backbone.parameters()).device.type != "cpu":
-                raise ValueError(f"the {mode} image encoder runs in ONNX Runtime on the CPU; this model is on a GPU")
             return load_ort_engine(mode, self.backbone, self.cfg, cache_root=self.cache_root,
                                    calibration=self.calibration, fingerprint=self.fingerprint())
+        if mode in OPENVINO_MODES:
+            return load_openvino_engine(mode, self.backbone, self.cfg, cache_root=self.cache_root,
+                                        fingerprint=self.fingerprint())
         raise ValueError(f"unknown image precision {mode!r}; choose one of {', '.join(PRECISIONS)}")
 
 
@@ -441,29 +491,45 @@ def eager_backbone(model: TransResNet) -> nn.Module:
     return backbone.backbone if isinstance(backbone, ImageRunner) else backbone
 
 
+def _missing_for(mode: str) -> list[str]:
+    """The packages ``mode`` needs that this machine lacks (an OpenVINO mode compiles the onnx extra's export)."""
+    if mode not in CPU_MODES:
+        return []
+    missing = onnx_cache.missing_packages()
+    return missing + ["openvino"] if mode in OPENVINO_MODES and openvino_runtime.missing() else missing
+
+
 def _auto_candidates(device: torch.device, candidates: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """The modes auto measures here and, for the log, those it skips and why."""
-    wanted = list(AUTO_CANDIDATES if candidates is None else candidates)
-    skipped = []
-    missing = onnx_cache.missing_packages()
-    if missing or device.type != "cpu":
-        why = "on a GPU" if device.type != "cpu" else f"no {' and '.join(missing)}"
-        skipped += [f"{m} ({why})" for m in wanted if m in ("onnx", "int8")]
-        wanted = [m for m in wanted if m not in ("onnx", "int8")]
-    if "bfloat16" in wanted and device.type == "cpu" and not _cpu_has_bf16():
-        skipped.append("bfloat16 (not native on this CPU)")
-        wanted.remove("bfloat16")
+    wanted, skipped = [], []
+    for mode in AUTO_CANDIDATES if candidates is None else candidates:
+        missing = _missing_for(mode)
+        if mode in CPU_MODES and device.type != "cpu":
+            skipped.append(f"{mode} (on a GPU)")
+        elif missing:
+            skipped.append(f"{mode} (no {' and '.join(missing)})")
+        elif mode in ("bfloat16", "openvino_bf16") and device.type == "cpu" and not _cpu_has_bf16():
+            skipped.append(f"{mode} (bfloat16 is not native on this CPU)")
+        else:
+            wanted.append(mode)
     return wanted, skipped
 
 
+FALLBACKS = {"onnx": "channels_last", "int8": "channels_last", "openvino": "channels_last",
+             "openvino_bf16": "bfloat16"}
+"""What an explicit export mode runs as when its packages are missing: torch's version of the same arithmetic
+(int8 excepted: its nearest without ONNX Runtime is float32)."""
+
+
 def _fallback(precision: str, device: torch.device) -> tuple[str, str]:
-    """An explicit onnx / int8 without the onnx extra runs as channels_last (the same float32 function)."""
-    missing = onnx_cache.missing_packages()
-    if precision in ("onnx", "int8") and missing and device.type == "cpu":
-        reason = (f"{precision} needs {' and '.join(missing)} ({onnx_cache.INSTALL_HINT}); "
-                  "running the PyTorch channels_last encoder instead")
+    """An explicit export mode without its packages runs as PyTorch's :data:`FALLBACKS` mode, with a warning."""
+    missing = _missing_for(precision)
+    if missing and device.type == "cpu":
+        hint = openvino_runtime.INSTALL_HINT if "openvino" in missing else onnx_cache.INSTALL_HINT
+        fallback = FALLBACKS[precision]
+        reason = f"{precision} needs {' and '.join(missing)} ({hint}); running the PyTorch {fallback} encoder instead"
         logger.warning("image encoder: %s", reason)
-        return "channels_last", reason
+        return fallback, reason
     return precision, ""
 
 

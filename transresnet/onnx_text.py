@@ -10,7 +10,10 @@ Exports are cached, one folder per text fingerprint and exporter/runtime version
 argument, ``$TRANSRESNET_ENCODER_CACHE``, ``<checkpoint>/encoders/`` when the checkpoint folder is writable,
 else ``~/.cache/transresnet/encoders``; published atomically, verified by sha256 at load, re-exported when not.
 
-Needs the ``onnx`` extra: ``pip install "transresnet[onnx]"``.
+The same module exports the plain float32 transformer that ``openvino_bf16`` compiles with OpenVINO
+(:mod:`transresnet.openvino_runtime`), cached and verified the same way.
+
+Needs the ``onnx`` extra: ``pip install "transresnet[onnx]"`` (and the ``openvino`` one for ``openvino_bf16``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 import transresnet.onnx_cache as onnx_cache
+import transresnet.openvino_runtime as openvino_runtime
 from transresnet.checkpoint import META, text_fingerprint
 from transresnet.files import sha256_file  # noqa: F401 - re-exported: tests check exports against it
 from transresnet.model import TransResNet
@@ -40,6 +44,9 @@ EXPORT_VERSION = 2
 """Bump when the export or quantisation recipe changes: every cached export is then rebuilt."""
 OPSET = 17
 MODEL_FILE = "text_transformer.int8.onnx"
+FLOAT_FILE = "text_transformer.onnx"
+"""The plain float32 export OpenVINO compiles for ``openvino_bf16`` (it fuses the graph itself)."""
+INT8_WEIGHTS = "QInt8 per channel, attention only"
 _SESSIONS = onnx_cache.SessionMemo()
 
 Int8Unavailable = OnnxUnavailable
@@ -80,15 +87,18 @@ def checkpoint_folder(model: TransResNet) -> Path | None:
     return Path(source).parent if source else None
 
 
-def export_key(model: TransResNet) -> dict[str, Any]:
+def export_key(model: TransResNet, weights: str = INT8_WEIGHTS) -> dict[str, Any]:
     """Everything the exported file depends on: a change to any of it means a new export."""
     return {"fingerprint": text_fingerprint(model), "export_version": EXPORT_VERSION, "opset": OPSET,
-            "weights": "QInt8 per channel, attention only", **runtime_versions()}
+            "weights": weights, **runtime_versions()}
 
 
-def export_folder(model: TransResNet, cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    key = export_key(model)
-    return onnx_cache.keyed_folder(cache_root(model, cache_dir), "text-int8", key), key
+def export_folder(model: TransResNet, cache_dir: str | Path | None = None, *,
+                  quantised: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The cache folder and key of the int8 export (``quantised``) or of the plain float32 one."""
+    key = export_key(model, INT8_WEIGHTS if quantised else "float32")
+    prefix = "text-int8" if quantised else "text-float"
+    return onnx_cache.keyed_folder(cache_root(model, cache_dir), prefix, key), key
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -198,7 +208,23 @@ def export_int8(model: TransResNet, folder: Path, key: dict[str, Any]) -> None:
     onnx_cache.timed("the int8 text encoder", started, folder)
 
 
+def export_float(model: TransResNet, folder: Path, key: dict[str, Any]) -> None:
+    """Export ``model``'s float32 transformer, unfused, into ``folder``, published in one step."""
+    started = time.perf_counter()
+    onnx_cache.publish_export(folder, key, FLOAT_FILE,
+                              lambda staging: {"inputs": _export_float(model, staging / FLOAT_FILE)})
+    onnx_cache.timed("the float32 text encoder", started, folder)
+
+
 # -------------------------------------------------------------------------------------------- load
+
+
+def _hidden(run: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: Sequence[str],
+            batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token tensors -> an export's float32 hidden states, on the tokens' device."""
+    device = batch["input_ids"].device
+    feed = {name: batch[name].cpu().numpy().astype(np.int64, copy=False) for name in inputs}
+    return torch.from_numpy(run(feed)).to(device)
 
 
 class Int8Transformer:
@@ -210,10 +236,19 @@ class Int8Transformer:
         self.folder = folder
 
     def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
-        device = batch["input_ids"].device
-        feed = {name: batch[name].cpu().numpy().astype(np.int64, copy=False) for name in self.inputs}
-        (hidden,) = self.session.run(["hidden"], feed)
-        return torch.from_numpy(hidden).to(device)
+        return _hidden(lambda feed: self.session.run(["hidden"], feed)[0], self.inputs, batch)
+
+
+class OpenVinoTransformer:
+    """Callable like :class:`Int8Transformer`: the float32 export compiled by OpenVINO, run in bfloat16."""
+
+    def __init__(self, folder: Path, inputs: Sequence[str], threads: int) -> None:
+        self.model = openvino_runtime.CompiledOnnx(folder / FLOAT_FILE, threads, "bf16")
+        self.inputs = list(inputs)
+        self.folder = folder
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        return _hidden(self.model, self.inputs, batch)
 
 
 def _read_cached(folder: Path, key: dict[str, Any], threads: int) -> Int8Transformer | None:
@@ -244,4 +279,33 @@ def load_int8_transformer(model: TransResNet, *, cache_dir: str | Path | None = 
         export_int8(model, folder, key)
         runner = Int8Transformer(folder, json.loads((folder / META).read_text())["inputs"], threads)
     _SESSIONS.put(onnx_cache.memo_key(folder, (MODEL_FILE, META), threads), runner)
+    return runner
+
+
+def check_openvino(model: TransResNet, native_bf16: bool) -> None:
+    """Raise (ValueError, ImportError) unless ``model``'s captions can be encoded by ``openvino_bf16`` here."""
+    check_supported(model)
+    openvino_runtime.require("openvino_bf16 caption encoding", "choose --precision bfloat16 / float32")
+    if not native_bf16:
+        raise ValueError("openvino_bf16 runs in bfloat16, which this CPU does not have natively; choose "
+                         "--precision float32 or int8")
+
+
+def load_openvino_transformer(model: TransResNet, *, cache_dir: str | Path | None = None) -> OpenVinoTransformer:
+    """``model``'s transformer compiled by OpenVINO in bfloat16 (its float32 export made on first use).
+
+    The caller checks :func:`check_openvino` first. Runs with torch's thread count, like the int8 one.
+    """
+    folder, key = export_folder(model, cache_dir, quantised=False)
+    threads = torch.get_num_threads()
+    memo = onnx_cache.memo_key(folder, (FLOAT_FILE, META), threads)
+    cached = _SESSIONS.get(memo)
+    if cached is not None:
+        return cached
+    meta = onnx_cache.read_verified(folder, key, FLOAT_FILE)
+    if meta is None:
+        export_float(model, folder, key)
+        meta = json.loads((folder / META).read_text())
+    runner = OpenVinoTransformer(folder, meta["inputs"], threads)
+    _SESSIONS.put(onnx_cache.memo_key(folder, (FLOAT_FILE, META), threads), runner)
     return runner

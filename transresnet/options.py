@@ -17,10 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IndexType = Literal["flat", "ivf", "hnsw", "ivfpq"]
 BuildIndexType = Literal["flat", "ivf", "hnsw", "ivfpq", "auto"]
-Precision = Literal["auto", "float32", "bfloat16", "float16", "int8"]
-ImagePrecision = Literal["auto", "float32", "channels_last", "bfloat16", "compile", "onnx", "int8"]
+Precision = Literal["auto", "float32", "bfloat16", "float16", "openvino_bf16", "int8"]
+"""How captions are encoded (:mod:`transresnet.encode`); openvino_bf16 is the text transformer in OpenVINO in
+bfloat16 (CPUs with native bfloat16), int8 the ONNX Runtime export dynamically quantised."""
+ImagePrecision = Literal["auto", "float32", "channels_last", "bfloat16", "compile", "onnx", "openvino", "openvino_bf16",
+                         "int8"]
 """How the image backbone runs (:mod:`transresnet.image_runtime`): the caption side's names where they mean the
-same (float32, bfloat16, int8, auto), plus the float32 runtimes channels_last, compile (torch.compile) and onnx."""
+same (float32, bfloat16, openvino_bf16, int8, auto), plus the float32 runtimes channels_last, compile
+(torch.compile), onnx (ONNX Runtime) and openvino."""
 BuildEngine = Literal["local", "ray"]
 Device = Literal["auto", "cpu", "cuda"]
 IndexPlacement = Literal["auto", "cpu", "shard", "replicate"]
