@@ -26,6 +26,8 @@ from transresnet.images import ImagePreprocessor
 
 ONNX_MODES = ("onnx", "int8")
 needs_onnx = pytest.mark.skipif(bool(ir.onnx_cache.missing_packages()), reason="the onnx extra is not installed")
+needs_openvino = pytest.mark.skipif(bool(ir._missing_for("openvino")), reason="the openvino extra is not installed")
+needs_bf16 = pytest.mark.skipif(not ir._cpu_has_bf16(), reason="this CPU has no native bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,9 @@ def top_captions(checkpoint: Checkpoint, feats: torch.Tensor, captions: np.ndarr
 
 
 @pytest.mark.parametrize("mode", ["channels_last", "bfloat16", pytest.param("onnx", marks=needs_onnx),
-                                  pytest.param("int8", marks=needs_onnx)])
+                                  pytest.param("int8", marks=needs_onnx),
+                                  pytest.param("openvino", marks=needs_openvino),
+                                  pytest.param("openvino_bf16", marks=[needs_openvino, needs_bf16])])
 def test_each_mode_matches_float32_and_ranks_alike(mode: str, tiny_checkpoint: Checkpoint, calibration: torch.Tensor,
                                                    held_out: torch.Tensor, tmp_path: Path) -> None:
     """Bound: on 24 photos it was not calibrated on, every feature vector is within the mode's tolerance of
@@ -204,6 +208,36 @@ def test_without_onnxruntime_onnx_falls_back_to_pytorch(tiny_checkpoint: Checkpo
     assert not {"onnx", "int8"} & {r.name for r in auto.report.candidates}
     assert "int8 (no onnxruntime)" in auto.report.reason
     assert not list(tmp_path.iterdir())  # nothing was exported
+
+
+@needs_openvino
+def test_openvino_compiles_the_onnx_export_and_is_thread_safe(tiny_checkpoint: Checkpoint, calibration: torch.Tensor,
+                                                              held_out: torch.Tensor, tmp_path: Path) -> None:
+    """OpenVINO reads the float32 ONNX export (one export for both runtimes), matches float32 to 1e-4, and
+    answers the same from two threads at once (each thread has its own infer request)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_checkpoint.model
+    runner = ir.prepare_image_encoder(model, "openvino", calibration=calibration, cache_dir=tmp_path)
+    onnx_runner = ir.prepare_image_encoder(model, "onnx", calibration=calibration, cache_dir=tmp_path)
+    assert [p.name.split("-")[0:2] for p in tmp_path.iterdir()] == [["image", "onnx"]]
+    assert runner.engine.folder == onnx_runner.engine.folder and runner.identity != onnx_runner.identity
+    exact = features(ir.prepare_image_encoder(model, "float32"), held_out)
+    torch.testing.assert_close(features(runner, held_out), exact, rtol=1e-4, atol=1e-4)
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(lambda chunk: features(runner, chunk), [held_out[:12], held_out[12:]] * 3))
+    torch.testing.assert_close(torch.cat(outputs[:2]), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_without_openvino_its_modes_fall_back_to_pytorch(tiny_checkpoint: Checkpoint, calibration: torch.Tensor,
+                                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    runner = ir.prepare_image_encoder(tiny_checkpoint.model, "openvino", calibration=calibration, cache_dir=tmp_path)
+    assert runner.precision == "channels_last" and "transresnet[openvino]" in runner.report.reason
+    auto = ir.prepare_image_encoder(tiny_checkpoint.model, "auto", calibration=calibration, cache_dir=tmp_path,
+                                    candidates=["openvino", "channels_last"])
+    assert "openvino" not in {r.name for r in auto.report.candidates}
+    assert "openvino (no openvino)" in auto.report.reason
 
 
 def test_runner_serves_the_model_and_keeps_its_grid(tiny_checkpoint: Checkpoint, calibration: torch.Tensor,

@@ -8,6 +8,7 @@ precision that fails its check.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -132,7 +133,8 @@ def test_default_cache_is_beside_the_checkpoint_or_where_the_user_says(tiny_chec
 def test_auto_never_chooses_a_failing_precision(tiny_checkpoint: Checkpoint, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_checkpoint.model
-    half = "bfloat16" if enc._cpu_has_bf16() else "float32"
+    half = ("openvino_bf16" if "openvino_bf16" in enc._candidates(model, "auto") else "bfloat16") \
+        if enc._cpu_has_bf16() else "float32"
     monkeypatch.setattr(enc, "MIN_COSINE", 1.01)  # every half precision fails its check
     monkeypatch.setattr(enc, "MIN_COSINE_INT8", -1.0)
     assert enc.choose_precision(model, CAPTIONS, "auto", cache_dir=tmp_path) == "int8"
@@ -161,3 +163,36 @@ def test_int8_needs_a_transformer_text_encoder(tiny_config, tmp_path: Path) -> N
     assert "int8" not in enc._candidates(model, "auto")
     with pytest.raises(ValueError, match="bag of words"):
         encode(model, "int8", tmp_path)
+
+
+needs_openvino_bf16 = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or not enc._cpu_has_bf16(),
+    reason="needs the openvino extra and a CPU with native bfloat16")
+
+
+@needs_openvino_bf16
+def test_openvino_bf16_vectors_match_float32_and_auto_tries_it_first(tiny_checkpoint: Checkpoint,
+                                                                     tmp_path: Path) -> None:
+    model = tiny_checkpoint.model
+    exact = encode(model, "float32", tmp_path)
+    got = encode(model, "openvino_bf16", tmp_path)
+    assert got.shape == exact.shape and got.dtype == np.float32
+    assert cosines(got, exact).min() >= enc.MIN_COSINE
+    assert enc._candidates(model, "auto")[0] == "openvino_bf16"
+    assert [p.name.split("-")[:2] for p in tmp_path.iterdir()] == [["text", "float"]]
+    again = encode(model, "openvino_bf16", tmp_path)  # from the cached export
+    np.testing.assert_allclose(again, got, rtol=0, atol=1e-6)
+
+
+def test_openvino_bf16_refused_with_what_to_do(tiny_checkpoint: Checkpoint, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_checkpoint.model
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(ImportError, match=r"transresnet\[openvino\]"):
+        encode(model, "openvino_bf16", tmp_path)
+    assert "openvino_bf16" not in enc._candidates(model, "auto")
+    monkeypatch.delitem(sys.modules, "openvino")
+    monkeypatch.setattr(enc, "_cpu_has_bf16", lambda: False)
+    if importlib.util.find_spec("openvino") is not None:
+        with pytest.raises(ValueError, match="not have natively"):
+            encode(model, "openvino_bf16", tmp_path)
