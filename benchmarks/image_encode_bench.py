@@ -2,8 +2,8 @@
 
 For MobileNetV2 (224 px, configs/flickr8k_fast.yaml) and EfficientNet-Lite2 (260 px, configs/flickr8k.yaml)
 with their real ImageNet weights from ../shared/weights, each mode of :mod:`transresnet.image_runtime`
-(float32, channels_last, bfloat16, compile, onnx, int8) is built the way the library builds it (int8
-calibrated on ``--calibration`` real Flickr8k training photos), as is ``folded`` (the service's float32:
+(float32, channels_last, bfloat16, compile, onnx, openvino, openvino_bf16, int8) is built the way the library
+builds it (int8 calibrated on ``--calibration`` real Flickr8k training photos), as is ``folded`` (the service's float32:
 frozen batch norms folded into the convolutions, channels-last), then:
 
 * images/s at batch 1 and batch 8, in interleaved rounds (each round visits every mode, in a rotated
@@ -44,7 +44,7 @@ BACKBONES = {
     "mobilenetv2_100": ("flickr8k_fast.yaml", SHARED / "weights" / "mobilenetv2_100_imagenet.safetensors"),
     "tf_efficientnet_lite2": ("flickr8k.yaml", SHARED / "weights" / "tf_efficientnet_lite2_imagenet.safetensors"),
 }
-MODES = ("float32", "channels_last", "folded", "bfloat16", "compile", "onnx", "int8")
+MODES = ("float32", "channels_last", "folded", "bfloat16", "compile", "onnx", "openvino", "openvino_bf16", "int8")
 FOLDED = "folded"
 """Not a runtime of its own: the service's float32 (batch norms folded into the convolutions, transresnet.fusion,
 then channels-last), measured beside the runtimes it is the reference of."""

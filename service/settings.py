@@ -29,7 +29,8 @@ class ServiceSettings(BaseSettings):
     """Where the model runs; auto = the GPU when torch sees one."""
     image_precision: ImagePrecision = "float32"
     """How the image encoder runs: float32 (channels-last weights), channels_last, bfloat16, compile, onnx or
-    int8 (ONNX Runtime, the onnx extra), each checked against float32 on the checkpoint's held-out photos at
+    int8 (ONNX Runtime, the onnx extra), openvino or openvino_bf16
+    (OpenVINO, the openvino extra), each checked against float32 on the checkpoint's held-out photos at
     load; or auto, the fastest that passes (its choice and why in the log). float32 by default: the answers
     then match the float32 model exactly, where auto's int8 may move scores (cosine >= 0.99); docs/results.md
     has the speed of each on the shipped backbones."""
