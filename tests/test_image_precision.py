@@ -234,6 +234,10 @@ def test_without_openvino_its_modes_fall_back_to_pytorch(tiny_checkpoint: Checkp
     monkeypatch.setitem(sys.modules, "openvino", None)
     runner = ir.prepare_image_encoder(tiny_checkpoint.model, "openvino", calibration=calibration, cache_dir=tmp_path)
     assert runner.precision == "channels_last" and "transresnet[openvino]" in runner.report.reason
+    if ir._cpu_has_bf16():
+        bf16 = ir.prepare_image_encoder(tiny_checkpoint.model, "openvino_bf16", calibration=calibration,
+                                        cache_dir=tmp_path)
+        assert bf16.precision == "bfloat16" and "openvino" in bf16.report.reason
     auto = ir.prepare_image_encoder(tiny_checkpoint.model, "auto", calibration=calibration, cache_dir=tmp_path,
                                     candidates=["openvino", "channels_last"])
     assert "openvino" not in {r.name for r in auto.report.candidates}

@@ -98,7 +98,7 @@ def _candidates(model: TransResNet, precision: str) -> list[str]:
     found = []
     if _cpu_has_bf16():
         try:
-            check_openvino(model, native_bf16=True)
+            check_openvino(model)
             found.append("openvino_bf16")
         except (ValueError, ImportError) as err:
             logger.debug("auto precision skips openvino_bf16: %s", err)
@@ -129,7 +129,7 @@ def _plan(model: TransResNet, precision: str, cache_dir: str | Path | None) -> _
     if precision == "openvino_bf16":
         from transresnet.onnx_text import check_openvino, load_openvino_transformer
 
-        check_openvino(model, native_bf16=model.device.type == "cpu" and _cpu_has_bf16())
+        check_openvino(model)
         return _Plan(precision, transformer=load_openvino_transformer(model, cache_dir=cache_dir))
     if precision in ("float32", "auto"):
         return _Plan("float32")

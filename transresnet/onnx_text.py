@@ -282,11 +282,15 @@ def load_int8_transformer(model: TransResNet, *, cache_dir: str | Path | None = 
     return runner
 
 
-def check_openvino(model: TransResNet, native_bf16: bool) -> None:
+def check_openvino(model: TransResNet) -> None:
     """Raise (ValueError, ImportError) unless ``model``'s captions can be encoded by ``openvino_bf16`` here."""
+    import transresnet.encode as encode  # its bf16 probe, looked up at call time (tests replace it)
+
     check_supported(model)
     openvino_runtime.require("openvino_bf16 caption encoding", "choose --precision bfloat16 / float32")
-    if not native_bf16:
+    if model.device.type != "cpu":
+        raise ValueError("openvino_bf16 runs on the CPU and this model is on a GPU; choose --precision float16")
+    if not encode._cpu_has_bf16():
         raise ValueError("openvino_bf16 runs in bfloat16, which this CPU does not have natively; choose "
                          "--precision float32 or int8")
 
