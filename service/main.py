@@ -161,7 +161,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     _document_limits(app, settings)
-    app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers)
+    app.add_middleware(HeaderLimitMiddleware, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -45,19 +45,31 @@ class SecurityHeadersMiddleware:
 
 
 class HeaderLimitMiddleware:
-    """431 for requests with more than ``max_headers`` header fields. The total header size is bounded
-    earlier, by h11 in the server (``transresnet.service.server``), which answers 431 itself."""
+    """431 for requests with more than ``max_headers`` header fields or a request line plus headers over
+    ``max_header_bytes``. Those checks see a head that arrived whole; one still arriving is bounded earlier,
+    in the server's protocol (``transresnet.service.server``), which answers 431 itself."""
 
-    def __init__(self, app: ASGIApp, max_headers: int) -> None:
+    def __init__(self, app: ASGIApp, max_headers: int, max_header_bytes: int) -> None:
         self.app = app
         self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+
+    def _refusal(self, scope: Scope) -> str | None:
+        headers = scope["headers"]
+        if len(headers) > self.max_headers:
+            return (f"the request has {len(headers)} header fields; at most {self.max_headers} are accepted: "
+                    "drop the ones the API does not need")
+        head = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+            len(name) + len(value) + 4 for name, value in headers)
+        if head > self.max_header_bytes:
+            return (f"the request line and headers are about {head} bytes; they must not exceed "
+                    f"{self.max_header_bytes} bytes: drop or shorten the ones the API does not need")
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
-            body = json.dumps({"error": "headers_too_large",
-                               "message": f"the request has {len(scope['headers'])} header fields; at most "
-                                          f"{self.max_headers} are accepted: drop the ones the API does not "
-                                          "need"}).encode()
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            body = json.dumps({"error": "headers_too_large", "message": refusal}).encode()
             await send({"type": "http.response.start", "status": 431,
                         "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                     (b"content-length", str(len(body)).encode())]})
