@@ -196,3 +196,24 @@ def test_openvino_bf16_refused_with_what_to_do(tiny_checkpoint: Checkpoint, tmp_
     if importlib.util.find_spec("openvino") is not None:
         with pytest.raises(ValueError, match="not have natively"):
             encode(model, "openvino_bf16", tmp_path)
+
+
+@needs_openvino_bf16
+def test_openvino_streams_keep_every_row_in_place(tiny_checkpoint: Checkpoint, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads compile two streams and keep two batches in flight; each vector still lands on its own
+    caption's row (batches of 2 over the captions, so a swap would show as a cosine far from float32)."""
+    import torch
+
+    model = tiny_checkpoint.model
+    texts = [f"{caption} {i}" for i, caption in enumerate(CAPTIONS * 3)]
+    exact = enc.encode_captions(model, texts, batch_size=2, precision="float32", progress=False)
+    runs = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        plan = enc._plan(model, "openvino_bf16", tmp_path)
+        assert plan.concurrency == threads and plan.transformer.model.streams == threads
+        runs[threads] = enc.encode_captions(model, texts, batch_size=2, precision="openvino_bf16", progress=False,
+                                            cache_dir=tmp_path)
+        assert cosines(runs[threads], exact).min() >= enc.MIN_COSINE
+    assert cosines(runs[2], runs[1]).min() >= 0.9999

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +115,13 @@ def _candidates(model: TransResNet, precision: str) -> list[str]:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one precision runs: autocast to ``dtype``, or ``transformer`` in place of the torch one (int8)."""
+    """How one precision runs: autocast to ``dtype``, or ``transformer`` in place of the torch one (int8,
+    OpenVINO), which may take ``concurrency`` batches at once from as many threads."""
 
     name: str
     dtype: torch.dtype | None = None
     transformer: Callable[..., torch.Tensor] | None = None
+    concurrency: int = 1
 
 
 def _plan(model: TransResNet, precision: str, cache_dir: str | Path | None) -> _Plan:
@@ -130,7 +134,8 @@ def _plan(model: TransResNet, precision: str, cache_dir: str | Path | None) -> _
         from transresnet.onnx_text import check_openvino, load_openvino_transformer
 
         check_openvino(model)
-        return _Plan(precision, transformer=load_openvino_transformer(model, cache_dir=cache_dir))
+        transformer = load_openvino_transformer(model, cache_dir=cache_dir)
+        return _Plan(precision, transformer=transformer, concurrency=transformer.concurrency)
     if precision in ("float32", "auto"):
         return _Plan("float32")
     return _Plan(precision, dtype=getattr(torch, precision))
@@ -205,12 +210,38 @@ def encode_captions(model: TransResNet, texts: Sequence[str], *, batch_size: int
     plan = _plan(model, chosen, cache_dir)
     lengths = _lengths(model, texts)
     bar = progress_reporter(len(texts), f"encoding {len(texts)} captions", "captions", enabled=progress)
+    batches = length_batches(lengths, batch_size)
     with eval_mode(model), torch.inference_mode(), bar:
-        for batch in length_batches(lengths, batch_size):
-            vectors = _run(model, [texts[i] for i in batch], plan)
-            out[batch] = vectors.cpu().numpy()
-            bar.update(len(batch))
+        if plan.concurrency > 1:
+            _run_concurrently(model, texts, batches, plan, out, bar.update)
+        else:
+            for batch in batches:
+                out[batch] = _run(model, [texts[i] for i in batch], plan).cpu().numpy()
+                bar.update(len(batch))
     return out
+
+
+def _run_concurrently(model: TransResNet, texts: Sequence[str], batches: Iterator[np.ndarray], plan: _Plan,
+                      out: np.ndarray, done: Callable[[int], object]) -> None:
+    """:func:`_run` with ``plan.concurrency`` transformer calls in flight. Tokenising and the head stay on
+    this thread: a fast tokenizer raises "Already borrowed" when two threads call it at once."""
+
+    def pool(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():  # per thread
+            return model.text.pool_tokens(tokens, transformer=plan.transformer)
+
+    def finish(batch: np.ndarray, pooled: Future[torch.Tensor]) -> None:
+        out[batch] = model.encode_pooled_text(pooled.result()).cpu().numpy()
+        done(len(batch))
+
+    pending: deque[tuple[np.ndarray, Future[torch.Tensor]]] = deque()
+    with ThreadPoolExecutor(plan.concurrency, thread_name_prefix="encode") as workers:
+        for batch in batches:
+            pending.append((batch, workers.submit(pool, model.text.tokenize([texts[i] for i in batch]))))
+            if len(pending) > plan.concurrency:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
 
 
 def encode_queries(model: TransResNet, trait_ids: Sequence[int] | torch.Tensor, *,

@@ -224,7 +224,11 @@ class TransformerTextEncoder(TextEncoder):
     def pool(self, texts: Sequence[str], *, transformer: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Mean-pooled hidden states; ``transformer`` replaces ``self.transformer`` (token tensors -> last
         hidden states), e.g. the int8 export in transresnet.onnx_text, under the same tokens and pooling."""
-        batch = self.tokenize(texts)
+        return self.pool_tokens(self.tokenize(texts), transformer=transformer)
+
+    def pool_tokens(self, batch: dict[str, torch.Tensor], *,
+                    transformer: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`pool` of an already tokenised batch (callers that tokenise on one thread, see encode.py)."""
         if transformer is None:
             hidden = self.transformer(**batch).last_hidden_state
         else:

@@ -240,10 +240,14 @@ class Int8Transformer:
 
 
 class OpenVinoTransformer:
-    """Callable like :class:`Int8Transformer`: the float32 export compiled by OpenVINO, run in bfloat16."""
+    """Callable like :class:`Int8Transformer`: the float32 export compiled by OpenVINO, run in bfloat16.
+
+    Compiled with one stream per thread: ``concurrency`` calls from as many threads run side by side
+    (what :func:`transresnet.encode.encode_captions` does); a lone call runs on one stream's thread."""
 
     def __init__(self, folder: Path, inputs: Sequence[str], threads: int) -> None:
-        self.model = openvino_runtime.CompiledOnnx(folder / FLOAT_FILE, threads, "bf16")
+        self.model = openvino_runtime.CompiledOnnx(folder / FLOAT_FILE, threads, "bf16", streams=threads)
+        self.concurrency = threads
         self.inputs = list(inputs)
         self.folder = folder
 
