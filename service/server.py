@@ -46,6 +46,14 @@ class HeaderDeadline:
     def _awaiting_headers(self) -> bool:
         raise NotImplementedError
 
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  (the protocol class after this mixin)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
@@ -66,14 +74,6 @@ class HeaderDeadline:
 class HardenedH11Protocol(HeaderDeadline, H11Protocol):
     def _awaiting_headers(self) -> bool:
         return self.conn.their_state is h11.IDLE
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -109,14 +109,6 @@ class HardenedHttpToolsProtocol(HeaderDeadline, HttpToolsProtocol):
 
     def _awaiting_headers(self) -> bool:
         return self._in_head
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_header_timer()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         # llhttp buffers an unfinished header field itself, so the bound counts the bytes as they arrive.
