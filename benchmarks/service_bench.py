@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "encode_queue", "encode", "search_queue", "search", "generate_queue", "generate",
           "rescore_queue", "rescore", "consensus")
 """The per-stage timings a caption response carries (``timings.<stage>_ms``), summarised per level."""
-SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision", "http_parser")
+SERVER_FLAGS = ("max_batch", "max_search_batch", "max_wait_ms", "threads", "image_precision")
 """The `transresnet serve` settings a benchmark passes through (see :func:`add_server_arguments`)."""
 
 
@@ -54,8 +54,6 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="server torch threads (default: the server's)")
     parser.add_argument("--image-precision", help="the image runtime of the floor and the server (default: the "
                                                   "server's, float32)")
-    parser.add_argument("--http-parser", choices=["h11", "httptools"], help="server --http-parser (default: the "
-                                                                             "server's)")
 
 
 def server_flags(args: argparse.Namespace) -> list[str]:

@@ -122,10 +122,8 @@ class ServiceSettings(BaseSettings):
     keep_alive_s: int = Field(5, ge=1)
     """Idle keep-alive connections are closed after this many seconds (uvicorn ``timeout_keep_alive``)."""
     max_header_bytes: int = Field(64 * 1024, ge=1024)
-    """Largest request line plus headers; above it, 431."""
-    http_parser: Literal["h11", "httptools"] = "h11"
-    """uvicorn's HTTP/1.1 parser: h11 (pure Python) or httptools (llhttp, C); both get the same head limits
-    and timeouts (service/server.py)."""
+    """Largest request line plus headers; above it, 431 (from h11 while the head arrives, from the app once
+    it is whole)."""
     max_headers: int = Field(100, ge=8)
     """Most request header fields; above it, 431."""
 

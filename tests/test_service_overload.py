@@ -33,7 +33,6 @@ class Served:
         self.settings = settings.model_copy(update={"port": free_port(), "log_level": "warning", **update})
         self.app = create_app(self.settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, **server_options(self.settings)))
-        assert self.settings.http_parser in self.server.config.http.__name__.lower()  # the parser under test
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.base_url = f"http://127.0.0.1:{self.settings.port}"
 
@@ -89,14 +88,10 @@ def multipart(data: bytes = JPEG, traits: tuple[str, ...] = ("Sweet",)) -> tuple
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-PARSERS = ("h11", "httptools")
-"""Both of uvicorn's HTTP/1.1 parsers the service offers: every edge behaviour below holds for each."""
-
-
-@pytest.fixture(scope="module", params=PARSERS)
-def served(service_settings, request) -> Iterator[Served]:
+@pytest.fixture(scope="module")
+def served(service_settings) -> Iterator[Served]:
     with Served(service_settings, max_header_bytes=16 * 1024, max_headers=50, header_timeout_s=1.0,
-                keep_alive_s=1, read_timeout_s=1.0, http_parser=request.param) as running:
+                keep_alive_s=1, read_timeout_s=1.0) as running:
         yield running
 
 
@@ -286,12 +281,11 @@ def test_abandoned_requests_leave_the_pipeline(service_settings):
 BIG_JPEG = image_bytes("JPEG", size=(400, 300), seed=11)  # about 70 KB of noise
 
 
-@pytest.mark.parametrize("parser", PARSERS)
-def test_refused_requests_never_break_a_keep_alive_client(service_settings, parser):
+def test_refused_requests_never_break_a_keep_alive_client(service_settings):
     """Refusals from 16 threads sharing one keep-alive pool are all clean 503s. The server reads and drops a
     small refused body first: a socket closed with unread request bytes is reset by the kernel, and the
     client would see a transport error instead of the 503 (seen as rare ReadErrors in the soak's overload)."""
-    with Served(service_settings, max_in_flight=1, read_timeout_s=5.0, http_parser=parser) as served:
+    with Served(service_settings, max_in_flight=1, read_timeout_s=5.0) as served:
         socks = hold_slots(served, 1)
         errors, statuses = [], []
 
@@ -489,10 +483,8 @@ def test_non_finite_scores_never_reach_the_response(service_settings):
         assert len(scores) == 2 and np.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("parser", PARSERS)
-def test_header_timeout_does_not_cut_idle_keep_alive_short(service_settings, parser):
-    with Served(service_settings, header_timeout_s=0.5, keep_alive_s=3, http_parser=parser) as served, \
-            served.connect() as sock:
+def test_header_timeout_does_not_cut_idle_keep_alive_short(service_settings):
+    with Served(service_settings, header_timeout_s=0.5, keep_alive_s=3) as served, served.connect() as sock:
         request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
         sock.sendall(request)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")

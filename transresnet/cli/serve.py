@@ -21,7 +21,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "max_wait_ms": args.max_wait_ms, "max_in_flight": args.max_in_flight,
         "cpu_threads": args.threads, "demo_dir": args.demo_dir, "log_level": args.log_level,
         "follow_index": args.follow_index, "index_placement": args.index_placement,
-        "image_precision": args.image_precision, "http_parser": args.http_parser,
+        "image_precision": args.image_precision,
         "generator": args.generator, "max_beam_size": args.max_beam_size, "consensus_k": args.consensus_k,
     }
     if args.no_batching:
@@ -173,8 +173,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--consensus-k", type=int,
                        help="nearest index captions a candidate is compared with when a request asks for "
                             "consensus re-ranking (default 10)")
-    serve.add_argument("--http-parser", choices=["h11", "httptools"],
-                       help="uvicorn's HTTP/1.1 parser, same limits either way (default h11)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn and service log level (default info)")
     serve.set_defaults(func=_serve)
