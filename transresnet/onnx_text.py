@@ -247,9 +247,12 @@ class OpenVinoTransformer:
 
     def __init__(self, folder: Path, inputs: Sequence[str], threads: int) -> None:
         self.model = openvino_runtime.CompiledOnnx(folder / FLOAT_FILE, threads, "bf16", streams=threads)
-        self.concurrency = threads
         self.inputs = list(inputs)
         self.folder = folder
+
+    @property
+    def concurrency(self) -> int:
+        return self.model.streams
 
     def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
         return _hidden(self.model, self.inputs, batch)
